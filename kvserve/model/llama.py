@@ -1,0 +1,176 @@
+"""One Llama-family decoder for Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2 and Qwen3.
+
+The families differ only in ModelConfig flags (QKV bias, Q/K RMSNorm, tied embeddings, rope
+scaling). The forward pass takes the step's flattened tokens, their absolute positions, the
+layer-wise paged KV cache and the attention metadata as explicit arguments: no global state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvserve.attention.backend import AttentionBackend
+from kvserve.attention.metadata import AttentionMetadata
+from kvserve.model.config import ModelConfig
+from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention over the paged KV cache."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = kv_cache
+        backend.write_kv(k_cache, v_cache, k, v, metadata)
+        out = backend.attend(q, k_cache, v_cache, metadata, self.scale)  # [num_tokens, heads, dim]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block followed by a pre-norm gated MLP block."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(
+            self.input_layernorm(hidden), positions, kv_cache, metadata, backend
+        )
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder stack plus LM head. ``forward`` returns hidden states; ``compute_logits`` the
+    float32 logits of the rows asked for (the last token of each request, in practice)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+        )
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: KVCaches,
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, positions, kv_cache, metadata, backend)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_rows, hidden_size] -> float32 [num_rows, vocab_size]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    @torch.no_grad()
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy checked weights in Hugging Face naming into this model's (fused) parameters."""
+        params = dict(self.named_parameters())
+        assigned: set[str] = set()
+
+        def put(name: str, tensor: torch.Tensor) -> None:
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+                )
+            param.copy_(tensor)
+            assigned.add(name)
+
+        put("embed_tokens.weight", weights["model.embed_tokens.weight"])
+        put("norm.weight", weights["model.norm.weight"])
+        if self.lm_head is not None:
+            put("lm_head.weight", weights["lm_head.weight"])
+        for i in range(self.config.num_hidden_layers):
+            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            attn = src + "self_attn."
+            put(
+                dst + "self_attn.qkv_proj.weight",
+                torch.cat([weights[attn + f"{p}_proj.weight"] for p in "qkv"]),
+            )
+            if self.config.attention_bias:
+                put(
+                    dst + "self_attn.qkv_proj.bias",
+                    torch.cat([weights[attn + f"{p}_proj.bias"] for p in "qkv"]),
+                )
+            if self.config.qk_norm:
+                put(dst + "self_attn.q_norm.weight", weights[attn + "q_norm.weight"])
+                put(dst + "self_attn.k_norm.weight", weights[attn + "k_norm.weight"])
+            put(dst + "self_attn.o_proj.weight", weights[attn + "o_proj.weight"])
+            put(
+                dst + "mlp.gate_up_proj.weight",
+                torch.cat(
+                    [weights[src + "mlp.gate_proj.weight"], weights[src + "mlp.up_proj.weight"]]
+                ),
+            )
+            put(dst + "mlp.down_proj.weight", weights[src + "mlp.down_proj.weight"])
+            put(dst + "input_layernorm.weight", weights[src + "input_layernorm.weight"])
+            put(
+                dst + "post_attention_layernorm.weight",
+                weights[src + "post_attention_layernorm.weight"],
+            )
+        missing = sorted(set(params) - assigned)
+        if missing:
+            raise ValueError(f"parameters left unassigned by the weight loader: {missing}")
