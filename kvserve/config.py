@@ -1,0 +1,72 @@
+"""Engine options: one frozen dataclass, validated on construction; CLI flags map to its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.worker.kv_cache import parse_memory_size
+
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs besides the prompts. ``None`` means "derive from the model"."""
+
+    model: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "cpu"
+    kv_cache_memory: str | int = "1GiB"
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    attention_backend: str = "torch"
+    num_threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format={self.load_format!r}; choose one of {LOAD_FORMATS}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose 'auto' or one of {sorted(DTYPES)}")
+        parse_memory_size(self.kv_cache_memory)
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+    @classmethod
+    def from_options(cls, model: str | None, options: dict) -> EngineConfig:
+        """Build from keyword options, rejecting unknown names with the list of valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; valid options: {sorted(valid)}")
+        return cls(model=model, **options)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_memory_size(self.kv_cache_memory)
+
+    def torch_dtype(self) -> torch.dtype:
+        """``auto`` is bfloat16 where this CPU has fast bf16 matmul, else float32."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device.startswith("cuda"):
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where torch's CPU kernels can use AMX or AVX512-BF16 for bfloat16 matmuls."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())

@@ -1,0 +1,184 @@
+"""Decides what runs each step, following the one scheduling rule.
+
+Every step each request is granted up to ``num_tokens - num_computed_tokens`` new tokens,
+within a per-step token budget, running requests first, then waiting ones. A decode is a
+grant of 1; a chunked prefill is a grant smaller than what remains.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.request import Request, RequestStatus
+from kvserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Step limits: requests per step and tokens per step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: compute ``token_ids`` at positions from ``start_position``."""
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    sample: bool  # True when this step reaches the request's last known token
+    sampling_params: SamplingParams
+    output_token_ids: list[int]
+
+
+@dataclass
+class SchedulerOutput:
+    """A plain description of one step, enough for a model runner in any process."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # finished since the last step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Continuous batching over a KVCacheManager; preempts the newest request when short."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_since_step: list[str] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_ids=self._finished_since_step)
+        self._finished_since_step = []
+        budget = self.config.max_num_batched_tokens
+        preempted_this_step = False
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING or budget == 0:
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
+            if not self._allocate_or_preempt(request, num_new, out):
+                preempted_this_step = True
+                continue
+            out.scheduled.append(self._grant(request, num_new))
+            budget -= num_new
+        while self.waiting and budget > 0 and not preempted_this_step:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._grant(request, num_new))
+            budget -= num_new
+        return out
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Find blocks for ``request``, preempting the newest running requests if needed."""
+        while not self.kv.allocate_slots(request, num_new):
+            victim = max(self.running, key=lambda r: r.arrival_time)
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _grant(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_ids_slice(start, start + num_new),
+            start_position=start,
+            block_ids=list(self.kv.block_table(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            output_token_ids=request.output_token_ids,
+        )
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[Request]:
+        """Advance counters, append sampled tokens; returns the requests that finished."""
+        finished = []
+        for item in scheduled.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += len(item.token_ids)
+            if item.sample and item.request_id in sampled:
+                request.append_output_token(sampled[item.request_id])
+                if request.is_finished:
+                    self._retire(request)
+                    finished.append(request)
+        return finished
+
+    def finish_request(self, request_id: str, reason: str, stop_reason: str | None = None) -> None:
+        """End a request from outside (stop string, abort); frees its blocks now."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.finish(reason, stop_reason)
+        self._retire(request, already_removed=True)
+
+    def _retire(self, request: Request, already_removed: bool = False) -> None:
+        if not already_removed:
+            self.running.remove(request)
+        del self.requests[request.request_id]
+        self._finished_since_step.append(request.request_id)
+        if not request.hold_kv:
+            self.kv.free(request)
+
+    def release_held(self, request: Request) -> None:
+        """Free the blocks of a finished request that held its KV (after it was exported)."""
+        self.kv.free(request)
