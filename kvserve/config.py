@@ -28,7 +28,6 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     attention_backend: str = "torch"
     num_threads: int | None = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

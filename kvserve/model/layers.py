@@ -41,13 +41,25 @@ class RotaryEmbedding(nn.Module):
         scaling: RopeScaling | None,
     ) -> None:
         super().__init__()
+        self.head_dim, self.max_positions = head_dim, max_positions
+        self.base, self.scaling = base, scaling
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.build_tables(torch.device("cpu"))
+
+    def build_tables(self, device: torch.device) -> None:
+        """(Re)compute the float32 cos/sin tables on ``device``."""
         # float32 throughout, as Hugging Face computes it, so positions match it bit for bit.
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = _scale_inv_freq(1.0 / (base**exponents), scaling)
-        positions = torch.arange(max_positions, dtype=torch.float32)
+        # Explicit devices, so this also works inside a `torch.device("meta")` context.
+        cpu = torch.device("cpu")
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=cpu)
+        inv_freq = _scale_inv_freq(
+            1.0 / (self.base ** (exponents.float() / self.head_dim)), self.scaling
+        )
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device=cpu)
         freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim / 2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.cos = freqs.cos().to(device)
+        self.sin = freqs.sin().to(device)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

@@ -89,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        rotary = RotaryEmbedding(
+        self.rotary = rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
             config.rope_theta,
@@ -123,6 +123,23 @@ class LlamaForCausalLM(nn.Module):
         """[num_rows, hidden_size] -> float32 [num_rows, vocab_size]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> LlamaForCausalLM:
+        """Build without random initialisation, load checked weights, cast to ``dtype``."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.load_hf_weights(weights)
+        model.to(dtype)
+        model.rotary.build_tables(torch.device(device))  # rotary tables stay float32
+        return model.eval()
 
     @torch.no_grad()
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:

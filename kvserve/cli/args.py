@@ -1,0 +1,115 @@
+"""Command-line flags, one per EngineConfig / SamplingParams field, and their conversion."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from kvserve.config import DTYPES, LOAD_FORMATS, EngineConfig
+from kvserve.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file or a Hugging Face directory (config.json, *.safetensors, "
+        "tokenizer); default: the embedded SmolLM2-135M-Instruct. With "
+        "--load-format dummy: a config name (llama-3-8b, qwen3-0.6b, "
+        "smollm2-135m) or a config.json path",
+    )
+    group.add_argument(
+        "--load-format",
+        default="auto",
+        choices=LOAD_FORMATS,
+        help="how to read weights; dummy = random weights for speed work",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="weights and KV cache dtype; auto = bfloat16 where the CPU has fast "
+        "bf16 matmul (AMX/AVX512-BF16), else float32",
+    )
+    group.add_argument("--device", default="cpu", help="torch device (cpu)")
+    group.add_argument(
+        "--kv-cache-memory",
+        default="1GiB",
+        help="memory for the paged KV cache, e.g. 2GiB or 512MiB",
+    )
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    group.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's limit)",
+    )
+    group.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step")
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="most tokens in one step (default: min(max_model_len, 8192))",
+    )
+    group.add_argument("--attention-backend", default="torch", help="attention implementation")
+    group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, default_max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-tokens", type=int, default=default_max_tokens, help="most tokens to generate"
+    )
+    group.add_argument(
+        "--temperature", type=float, default=0.7, help="0 = greedy; higher = more random"
+    )
+    group.add_argument("--top-k", type=int, default=-1, help="keep the k most likely (-1: off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    group.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens below min_p x the top token's probability",
+    )
+    group.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    group.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
+    group.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
+    group.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop string (repeatable); not included in the output",
+    )
+    group.add_argument(
+        "--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end generation"
+    )
+    group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    group.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        help="print each token's log-probability and this many alternatives",
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+    )

@@ -1,0 +1,100 @@
+"""Builds an EngineCore from an EngineConfig: loads the model, sizes the KV pool, reports it."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvserve.attention.backend import create_backend
+from kvserve.config import EngineConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.engine_core import EngineCore
+from kvserve.model.llama import LlamaForCausalLM
+from kvserve.model.loader import load_model_files
+from kvserve.worker.kv_cache import allocate_kv_cache
+from kvserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("kvserve")
+
+
+def build_engine(config: EngineConfig) -> EngineCore:
+    """Load weights and tokenizer, allocate the paged KV cache, and wire the engine."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    dtype = config.torch_dtype()
+    loaded = load_model_files(config.model, config.load_format)
+    model_config = loaded.config
+    max_model_len = config.max_model_len or model_config.max_position_embeddings
+    if max_model_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings}"
+        )
+    model = LlamaForCausalLM.from_weights(model_config, loaded.weights, dtype, config.device)
+    del loaded.weights
+    kv_cache = allocate_kv_cache(
+        model_config, config.kv_cache_bytes, config.block_size, dtype, config.device
+    )
+    if kv_cache.num_tokens < max_model_len:
+        logger.warning(
+            "the KV cache holds %d tokens, fewer than max_model_len=%d: max_model_len lowered "
+            "to %d (raise --kv-cache-memory to keep it)",
+            kv_cache.num_tokens,
+            max_model_len,
+            kv_cache.num_tokens,
+        )
+        max_model_len = kv_cache.num_tokens
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens or min(max_model_len, 8192),
+        max_model_len=max_model_len,
+    )
+    kv_manager = KVCacheManager(kv_cache.num_blocks, kv_cache.block_size)
+    runner = ModelRunner(
+        model,
+        kv_cache,
+        create_backend(config.attention_backend),
+        loaded.tokenizer.eos_token_ids,
+        config.device,
+    )
+    _log_startup(config, loaded.source, model_config, dtype, kv_cache, scheduler_config)
+    return EngineCore(
+        Scheduler(scheduler_config, kv_manager), runner, loaded.tokenizer, max_model_len
+    )
+
+
+def _log_startup(config, source, model_config, dtype, kv_cache, scheduler_config) -> None:
+    why = (
+        "chosen"
+        if config.dtype != "auto"
+        else (
+            "auto: this CPU has fast bf16 matmul (AMX/AVX512-BF16)"
+            if dtype == torch.bfloat16
+            else "auto: no AMX/AVX512-BF16 reported, float32 is faster here"
+        )
+    )
+    logger.info(
+        "model %s (%s, %s, %d layers), dtype %s (%s), device %s, %d threads",
+        source.path if source else config.model,
+        config.load_format,
+        model_config.architecture,
+        model_config.num_hidden_layers,
+        str(dtype).removeprefix("torch."),
+        why,
+        config.device,
+        torch.get_num_threads(),
+    )
+    logger.info(
+        "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d, "
+        "max_num_seqs %d, max_num_batched_tokens %d",
+        kv_cache.num_blocks,
+        kv_cache.block_size,
+        kv_cache.num_tokens,
+        kv_cache.num_bytes / 2**20,
+        scheduler_config.max_model_len,
+        scheduler_config.max_num_seqs,
+        scheduler_config.max_num_batched_tokens,
+    )
+

@@ -1,0 +1,210 @@
+"""The offline Python API: generate, stream, chat, and the two phases (prefill, decode)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from kvserve.config import EngineConfig
+from kvserve.core.request import Request
+from kvserve.engine.builder import build_engine
+from kvserve.engine.engine_core import EngineCore
+from kvserve.engine.output_processor import StreamDelta
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Prefilled:
+    """The result of the prefill phase for one prompt.
+
+    ``kv[layer] = (keys, values)``, each ``[num_prompt_tokens, num_kv_heads, head_dim]``: the
+    request's layer-wise KV cache as plain tensors. ``logits`` is the raw float32 distribution
+    of the first new token (``[vocab_size]``).
+    """
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits, dim=-1)
+
+
+class LLM:
+    """An engine over the paged KV cache, driven from Python.
+
+    ``LLM()`` loads the embedded SmolLM2-135M-Instruct; ``LLM("path/to/model.gguf")`` or an HF
+    directory loads that. Keyword options are EngineConfig fields (dtype, kv_cache_memory, ...).
+    """
+
+    def __init__(self, model: str | None = None, **options: object) -> None:
+        self.config = EngineConfig.from_options(model, options)
+        self.engine: EngineCore = build_engine(self.config)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion as one continuous batch; outputs in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        param_list = _as_param_list(params, len(prompt_list))
+        outputs = self._add_all(prompt_list, param_list)
+        progress = tqdm(total=len(outputs), disable=not use_tqdm, unit="req", desc="generate")
+        generated = 0
+        while self.engine.has_unfinished:
+            for delta in self.engine.step():
+                generated += len(delta.token_ids)
+                if delta.finished:
+                    progress.update(1)
+                    progress.set_postfix_str(
+                        f"{generated / progress.format_dict['elapsed']:.1f} tok/s"
+                        if progress.format_dict["elapsed"]
+                        else ""
+                    )
+        progress.close()
+        return outputs
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield one request's text as it is generated (aborted if the caller stops early)."""
+        [output] = self._add_all([prompt], [params or SamplingParams()])
+        try:
+            while not output.finished:
+                for delta in self.engine.step():
+                    if delta.request_id == output.request_id:
+                        yield delta
+        finally:
+            if not output.finished:
+                self.engine.abort(output.request_id)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """Apply the model's chat template and generate the assistant's reply."""
+        prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate([prompt_ids], params)[0]
+
+    def prefill(self, prompt: Prompt) -> Prefilled:
+        """Phase one alone: compute the prompt's layer-wise KV and the first token's logits."""
+        prompt_ids, text = self._tokenize(prompt)
+        engine = self.engine
+        request = engine.new_request(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0))
+        request.hold_kv = True
+        engine.add_request(request, text, capture_logits=True)
+        while not request.is_finished:
+            engine.step()
+        try:
+            kv = self._export_kv(request.request_id, len(prompt_ids))
+        finally:
+            engine.scheduler.release_held(request)
+        logits = engine.captured_logits.pop(request.request_id)
+        return Prefilled(text, prompt_ids, kv, logits)
+
+    def decode(self, prefilled: Prefilled, params: SamplingParams | None = None) -> RequestOutput:
+        """Phase two alone: load a Prefilled's KV into the cache and generate from it."""
+        params = params or SamplingParams()
+        engine = self.engine
+        engine.validate_prompt(prefilled.prompt_token_ids)
+        request = engine.new_request(prefilled.prompt_token_ids, params)
+        output = engine.outputs.add_request(request, prefilled.prompt)
+        self._import_kv(request, prefilled.kv)
+        [token] = engine.runner.sample(
+            prefilled.logits.unsqueeze(0), [(request.request_id, params, request.output_token_ids)]
+        ).values()
+        request.append_output_token(token.token_id)
+        if request.is_finished:
+            engine.scheduler.kv.free(request)
+        else:
+            engine.scheduler.add_request(request)
+        engine.emit_token(request, token)
+        while not output.finished:
+            engine.step()
+        return output
+
+    def _export_kv(
+        self, request_id: str, num_tokens: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        blocks = torch.tensor(self.engine.scheduler.kv.block_table(request_id), dtype=torch.int64)
+        return [
+            (
+                k[blocks].flatten(0, 1)[:num_tokens].clone(),
+                v[blocks].flatten(0, 1)[:num_tokens].clone(),
+            )
+            for k, v in self.engine.runner.kv_cache.layers
+        ]
+
+    def _import_kv(self, request: Request, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        cache = self.engine.runner.kv_cache
+        num_tokens = request.num_prompt_tokens
+        expected = (num_tokens, *cache.layers[0][0].shape[2:])
+        if len(kv) != len(cache.layers) or any(tuple(k.shape) != expected for k, _ in kv):
+            raise ValueError(
+                f"prefilled KV must have {len(cache.layers)} layers of shape {expected}"
+            )
+        if not self.engine.scheduler.kv.allocate_slots(request, num_tokens):
+            raise RuntimeError("no free KV blocks to load the prefilled request into")
+        blocks = self.engine.scheduler.kv.block_table(request.request_id)
+        slots = torch.tensor(
+            [
+                blocks[p // cache.block_size] * cache.block_size + p % cache.block_size
+                for p in range(num_tokens)
+            ],
+            dtype=torch.int64,
+        )
+        for (k_cache, v_cache), (keys, values) in zip(cache.layers, kv, strict=True):
+            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, keys.to(k_cache.dtype))
+            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, values.to(v_cache.dtype))
+        request.num_computed_tokens = num_tokens
+
+    def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt), prompt
+        return [int(t) for t in prompt], None
+
+    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Validate every prompt first, so a bad one allocates nothing, then add them all."""
+        tokenized = [self._tokenize(p) for p in prompts]
+        for prompt_ids, _ in tokenized:
+            self.engine.validate_prompt(prompt_ids)
+        outputs = []
+        for (prompt_ids, text), p in zip(tokenized, params, strict=True):
+            request = self.engine.new_request(prompt_ids, p)
+            outputs.append(self.engine.add_request(request, text))
+        return outputs
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str | list | tuple):
+            raise ValueError(f"prompts[{i}] must be a string or a list of token ids")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _as_param_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+    return params

@@ -1,0 +1,104 @@
+"""The paged reference attention equals plain causal attention on contiguous K/V."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvserve.attention.backend import available_backends, create_backend
+from kvserve.attention.metadata import build_attention_metadata
+
+BLOCK_SIZE = 4
+HEADS, KV_HEADS, DIM = 4, 2, 8
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Textbook softmax(QK^T / sqrt(d)) V with a causal mask, queries at the end of the context."""
+    query_len, seq_len = q.shape[0], k.shape[0]
+    group = HEADS // KV_HEADS
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(DIM)
+    for i in range(query_len):
+        scores[:, i, seq_len - query_len + i + 1 :] = float("-inf")
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize(
+    ("query_lens", "seq_lens"),
+    [
+        ([7], [7]),  # plain prefill spanning two blocks
+        ([8], [8]),  # prompt an exact multiple of the block size
+        ([1], [9]),  # decode, context not a multiple of the block size
+        ([3], [10]),  # chunk starting mid-block after a cached prefix
+        ([5, 1, 2, 1], [5, 13, 6, 4]),  # mixed batch of prefills and decodes
+    ],
+)
+def test_paged_attention_matches_naive(query_lens: list[int], seq_lens: list[int]) -> None:
+    torch.manual_seed(0)
+    backend = create_backend("torch")
+    num_blocks = 32
+    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, DIM)
+    v_cache = torch.zeros_like(k_cache)
+    # Scattered, non-contiguous block ids, distinct across requests.
+    free = list(torch.randperm(num_blocks).tolist())
+    tables = [[free.pop() for _ in range(-(-s // BLOCK_SIZE))] for s in seq_lens]
+    contexts = [(torch.randn(s, KV_HEADS, DIM), torch.randn(s, KV_HEADS, DIM)) for s in seq_lens]
+    # Pre-fill the cache with each request's already-computed prefix.
+    prefix = build_attention_metadata(
+        [s - q for q, s in zip(query_lens, seq_lens, strict=True) if s > q],
+        [s - q for q, s in zip(query_lens, seq_lens, strict=True) if s > q],
+        [t for t, q, s in zip(tables, query_lens, seq_lens, strict=True) if s > q],
+        BLOCK_SIZE,
+    )
+    if prefix.num_reqs:
+        keys = torch.cat(
+            [
+                k[: s - q]
+                for (k, _), q, s in zip(contexts, query_lens, seq_lens, strict=True)
+                if s > q
+            ]
+        )
+        values = torch.cat(
+            [
+                v[: s - q]
+                for (_, v), q, s in zip(contexts, query_lens, seq_lens, strict=True)
+                if s > q
+            ]
+        )
+        backend.write_kv(k_cache, v_cache, keys, values, prefix)
+    metadata = build_attention_metadata(query_lens, seq_lens, tables, BLOCK_SIZE)
+    new_k = torch.cat(
+        [k[s - q :] for (k, _), q, s in zip(contexts, query_lens, seq_lens, strict=True)]
+    )
+    new_v = torch.cat(
+        [v[s - q :] for (_, v), q, s in zip(contexts, query_lens, seq_lens, strict=True)]
+    )
+    query = torch.randn(sum(query_lens), HEADS, DIM)
+    backend.write_kv(k_cache, v_cache, new_k, new_v, metadata)
+    out = backend.attend(query, k_cache, v_cache, metadata, DIM**-0.5)
+
+    start = 0
+    for (k, v), q_len in zip(contexts, query_lens, strict=True):
+        expected = naive_attention(query[start : start + q_len], k, v)
+        torch.testing.assert_close(out[start : start + q_len], expected, atol=1e-5, rtol=1e-5)
+        start += q_len
+
+
+def test_slot_mapping_follows_block_table() -> None:
+    metadata = build_attention_metadata([3], [6], [[7, 2]], BLOCK_SIZE)
+    # positions 3, 4, 5 -> block 7 slot 3, block 2 slots 0 and 1
+    assert metadata.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1]
+
+
+def test_metadata_rejects_too_few_blocks() -> None:
+    with pytest.raises(ValueError, match="cannot hold"):
+        build_attention_metadata([5], [5], [[0]], BLOCK_SIZE)
+
+
+def test_unknown_backend_names_the_choices() -> None:
+    assert "torch" in available_backends()
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        create_backend("nope")
