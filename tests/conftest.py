@@ -19,3 +19,23 @@ def hf_tokenizer(embedded_gguf: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_gguf.parent, gguf_file=embedded_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_model(embedded_gguf: Path):
+    """transformers' float32 model from the same GGUF: the reference implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        embedded_gguf.parent, gguf_file=embedded_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llm_f32():
+    """The embedded model in float32 with a small pool of 16-token blocks."""
+    from kvserve import LLM
+
+    return LLM(dtype="float32", kv_cache_memory="64MiB", block_size=16)

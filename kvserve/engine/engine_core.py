@@ -33,7 +33,7 @@ class EngineCore:
         self.outputs = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self._capture_logits: set[str] = set()
-        self.captured_logits: dict[str, torch.Tensor] = {}
+        self.captured_logits: dict[str, list[torch.Tensor]] = {}
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError for a prompt that could never run; allocates nothing."""
@@ -67,7 +67,7 @@ class EngineCore:
     ) -> RequestOutput:
         self.validate_prompt(request.prompt_token_ids)
         output = self.outputs.add_request(request, prompt)
-        if capture_logits:
+        if capture_logits:  # keep the raw logits of every sampling step (tests, prefill export)
             self._capture_logits.add(request.request_id)
         self.scheduler.add_request(request)
         return output
@@ -88,8 +88,7 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         result = self.runner.execute(scheduled, frozenset(self._capture_logits))
         for request_id, logits in result.logits.items():
-            self.captured_logits[request_id] = logits
-            self._capture_logits.discard(request_id)
+            self.captured_logits.setdefault(request_id, []).append(logits)
         requests = {
             s.request_id: self.scheduler.requests.get(s.request_id) for s in scheduled.scheduled
         }
@@ -101,6 +100,8 @@ class EngineCore:
             request = requests[request_id]
             if request is not None:
                 deltas.append(self.emit_token(request, token))
+                if request.is_finished:
+                    self._capture_logits.discard(request_id)
         return deltas
 
     def emit_token(self, request: Request, token: SampledToken) -> StreamDelta:

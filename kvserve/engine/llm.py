@@ -109,7 +109,7 @@ class LLM:
             kv = self._export_kv(request.request_id, len(prompt_ids))
         finally:
             engine.scheduler.release_held(request)
-        logits = engine.captured_logits.pop(request.request_id)
+        [logits] = engine.captured_logits.pop(request.request_id)
         return Prefilled(text, prompt_ids, kv, logits)
 
     def decode(self, prefilled: Prefilled, params: SamplingParams | None = None) -> RequestOutput:
