@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20
@@ -39,7 +40,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 <= self.temperature < math.inf,
+               "temperature", f"must be finite and >= 0, got {self.temperature}")
         _check(isinstance(self.top_k, int) and self.top_k >= -1,
                "top_k", f"must be -1 (disabled) or >= 1, got {self.top_k!r}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
@@ -56,7 +58,8 @@ class SamplingParams:
                                          and 0 <= self.logprobs <= _MAX_LOGPROBS),
                "logprobs", f"must be between 0 and {_MAX_LOGPROBS}, got {self.logprobs!r}")
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-               "min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+               "min_tokens",
+               f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
 
     @property
