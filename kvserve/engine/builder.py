@@ -11,9 +11,11 @@ from kvserve.config import EngineConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.engine_core import EngineCore
+from kvserve.model.config import ModelConfig
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import load_model_files
-from kvserve.worker.kv_cache import allocate_kv_cache
+from kvserve.model.source import ModelSource
+from kvserve.worker.kv_cache import PagedKVCache, allocate_kv_cache
 from kvserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("kvserve")
@@ -65,7 +67,14 @@ def build_engine(config: EngineConfig) -> EngineCore:
     )
 
 
-def _log_startup(config, source, model_config, dtype, kv_cache, scheduler_config) -> None:
+def _log_startup(
+    config: EngineConfig,
+    source: ModelSource | None,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    kv_cache: PagedKVCache,
+    scheduler_config: SchedulerConfig,
+) -> None:
     why = (
         "chosen"
         if config.dtype != "auto"
@@ -97,4 +106,3 @@ def _log_startup(config, source, model_config, dtype, kv_cache, scheduler_config
         scheduler_config.max_num_seqs,
         scheduler_config.max_num_batched_tokens,
     )
-
