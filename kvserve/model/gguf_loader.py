@@ -111,7 +111,10 @@ def _read_string(view: memoryview, pos: int) -> tuple[str, int]:
 def _read_value(view: memoryview, pos: int, value_type: int, path: Path) -> tuple[Any, int]:
     if value_type in _SCALAR_FORMATS:
         fmt = "<" + _SCALAR_FORMATS[value_type]
-        return struct.unpack_from(fmt, view, pos)[0], pos + struct.calcsize(fmt)
+        (value,) = struct.unpack_from(fmt, view, pos)
+        if value_type == 6:  # float32: the shortest decimal that round-trips (1e-05, not 9.99e-06)
+            value = float(str(np.float32(value)))
+        return value, pos + struct.calcsize(fmt)
     if value_type == 8:
         return _read_string(view, pos)
     if value_type != 9:
