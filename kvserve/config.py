@@ -26,7 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
-    attention_backend: str = "torch"
+    attention_backend: str = "sdpa"
     num_threads: int | None = None
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The attention backend interface and its registry."""
+"""The attention backend interface, the shared K/V store, and the backend registry."""
 
 from __future__ import annotations
 
@@ -15,31 +15,38 @@ class AttentionBackend(ABC):
 
     Caches have shape ``[num_blocks, block_size, num_kv_heads, head_dim]``; a token at
     position ``p`` of a request lives in block ``block_table[p // block_size]``, slot
-    ``p % block_size``.
+    ``p % block_size``. ``key``/``value`` are this step's new K/V, already rotated.
     """
 
     name: str = "abstract"
 
     @abstractmethod
-    def write_kv(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        metadata: AttentionMetadata,
-    ) -> None: ...
-
-    @abstractmethod
-    def attend(
+    def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] block_id * block_size + offset
+) -> None:
+    """Write each new token's K/V into its slot of the paged cache."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 _REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
@@ -64,3 +71,4 @@ def available_backends() -> list[str]:
 
 def _import_builtin_backends() -> None:
     import kvserve.attention.torch_reference  # noqa: F401  (registers itself)
+    import kvserve.attention.torch_sdpa  # noqa: F401

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvserve.attention.backend import AttentionBackend, register_backend
+from kvserve.attention.backend import AttentionBackend, register_backend, store_kv
 from kvserve.attention.metadata import AttentionMetadata
 
 
@@ -18,28 +18,17 @@ class TorchReferenceBackend(AttentionBackend):
 
     name = "torch"
 
-    def write_kv(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        metadata: AttentionMetadata,
-    ) -> None:
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-        flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-        flat_k.index_copy_(0, metadata.slot_mapping, key.to(k_cache.dtype))
-        flat_v.index_copy_(0, metadata.slot_mapping, value.to(v_cache.dtype))
-
-    def attend(
+    def forward(
         self,
         query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        store_kv(k_cache, v_cache, key, value, metadata.slot_mapping)
         outputs = []
         start = 0
         for i, (query_len, seq_len) in enumerate(

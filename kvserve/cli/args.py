@@ -52,7 +52,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="most tokens in one step (default: min(max_model_len, 8192))",
     )
-    group.add_argument("--attention-backend", default="torch", help="attention implementation")
+    group.add_argument(
+        "--attention-backend",
+        default="sdpa",
+        help="attention implementation: sdpa (fast) or torch (the reference)",
+    )
     group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
 
 

@@ -53,8 +53,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        backend.write_kv(k_cache, v_cache, k, v, metadata)
-        out = backend.attend(q, k_cache, v_cache, metadata, self.scale)  # [num_tokens, heads, dim]
+        out = backend.forward(
+            q, k, v, k_cache, v_cache, metadata, self.scale
+        )  # [tokens, heads, dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -1,4 +1,4 @@
-"""The paged reference attention equals plain causal attention on contiguous K/V."""
+"""Both paged attention backends equal plain causal attention on contiguous K/V."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kvserve.attention.backend import available_backends, create_backend
+from kvserve.attention.backend import available_backends, create_backend, store_kv
 from kvserve.attention.metadata import build_attention_metadata
 
 BLOCK_SIZE = 4
@@ -26,6 +26,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "sdpa"])
 @pytest.mark.parametrize(
     ("query_lens", "seq_lens"),
     [
@@ -34,11 +35,15 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         ([1], [9]),  # decode, context not a multiple of the block size
         ([3], [10]),  # chunk starting mid-block after a cached prefix
         ([5, 1, 2, 1], [5, 13, 6, 4]),  # mixed batch of prefills and decodes
+        ([1, 1, 1], [9, 16, 3]),  # decode-only batch, ragged context lengths
+        ([1, 1], [8, 8]),  # decode-only batch, equal lengths (no padding mask)
     ],
 )
-def test_paged_attention_matches_naive(query_lens: list[int], seq_lens: list[int]) -> None:
+def test_paged_attention_matches_naive(
+    backend_name: str, query_lens: list[int], seq_lens: list[int]
+) -> None:
     torch.manual_seed(0)
-    backend = create_backend("torch")
+    backend = create_backend(backend_name)
     num_blocks = 32
     k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, DIM)
     v_cache = torch.zeros_like(k_cache)
@@ -68,7 +73,7 @@ def test_paged_attention_matches_naive(query_lens: list[int], seq_lens: list[int
                 if s > q
             ]
         )
-        backend.write_kv(k_cache, v_cache, keys, values, prefix)
+        store_kv(k_cache, v_cache, keys, values, prefix.slot_mapping)
     metadata = build_attention_metadata(query_lens, seq_lens, tables, BLOCK_SIZE)
     new_k = torch.cat(
         [k[s - q :] for (k, _), q, s in zip(contexts, query_lens, seq_lens, strict=True)]
@@ -77,8 +82,7 @@ def test_paged_attention_matches_naive(query_lens: list[int], seq_lens: list[int
         [v[s - q :] for (_, v), q, s in zip(contexts, query_lens, seq_lens, strict=True)]
     )
     query = torch.randn(sum(query_lens), HEADS, DIM)
-    backend.write_kv(k_cache, v_cache, new_k, new_v, metadata)
-    out = backend.attend(query, k_cache, v_cache, metadata, DIM**-0.5)
+    out = backend.forward(query, new_k, new_v, k_cache, v_cache, metadata, DIM**-0.5)
 
     start = 0
     for (k, v), q_len in zip(contexts, query_lens, strict=True):
@@ -99,6 +103,6 @@ def test_metadata_rejects_too_few_blocks() -> None:
 
 
 def test_unknown_backend_names_the_choices() -> None:
-    assert "torch" in available_backends()
+    assert {"torch", "sdpa"} <= set(available_backends())
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         create_backend("nope")
