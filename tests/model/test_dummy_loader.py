@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 
 from kvserve.model.dummy_loader import dummy_config_names, dummy_weights, resolve_dummy_config
 from kvserve.model.weight_names import check_weights, expected_weight_shapes
+
+CONFIGS = Path(__file__).parents[2] / "kvserve/model/configs"
 
 
 def test_bundled_configs_hold_the_real_numbers() -> None:
@@ -41,7 +45,7 @@ def test_default_is_smollm2_and_matches_the_embedded_gguf(embedded_gguf: Path) -
 
 
 def test_config_from_a_path(tmp_path: Path) -> None:
-    source = Path(__file__).parents[2] / "kvserve/model/configs/qwen3-0.6b.json"
+    source = CONFIGS / "qwen3-0.6b.json"
     (tmp_path / "config.json").write_text(source.read_text())
     assert resolve_dummy_config(str(tmp_path)) == resolve_dummy_config("qwen3-0.6b")
     assert resolve_dummy_config(str(tmp_path / "config.json")) == resolve_dummy_config("qwen3-0.6b")
@@ -76,3 +80,31 @@ def test_biases_are_zero_for_qwen2() -> None:
     )
     weights = dummy_weights(config)
     assert torch.equal(weights["model.layers.0.self_attn.q_proj.bias"], torch.zeros(576))
+
+
+# ---------------------------------------------------------------- load_model_files(..., "dummy")
+
+
+def test_load_format_dummy_for_a_small_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kvserve.model.loader import load_model_files
+
+    raw = json.loads((CONFIGS / "qwen3-0.6b.json").read_text())
+    raw.update(num_hidden_layers=1, vocab_size=1000, hidden_size=64, intermediate_size=64)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with caplog.at_level(logging.WARNING, logger="kvserve.model.loader"):
+        loaded = load_model_files(str(tmp_path), "dummy")
+    assert loaded.source is None and loaded.config.qk_norm
+    assert loaded.weights["model.embed_tokens.weight"].shape == (1000, 64)
+    assert loaded.tokenizer.encode("Hello world") == [19556, 905]  # the embedded tokenizer
+    assert "use token-id prompts" in caplog.text
+
+
+def test_unknown_load_format_lists_valid_ones() -> None:
+    from kvserve.model.loader import load_model_files
+
+    with pytest.raises(
+        ValueError, match="'pt' is not supported; use one of auto, gguf, safetensors, dummy"
+    ):
+        load_model_files(None, "pt")

@@ -425,3 +425,20 @@ def test_embedded_weights_match_transformers(
     assert not torch.allclose(
         stored, transformers_state_dict["model.layers.0.self_attn.q_proj.weight"]
     )
+
+
+def test_load_model_files_embedded_end_to_end(embedded_gguf: Path) -> None:
+    from kvserve.model.loader import load_model_files
+
+    loaded = load_model_files(None)
+    assert loaded.source is not None and loaded.source.path == embedded_gguf
+    assert loaded.config == SMOLLM2_135M
+    assert len(loaded.weights) == 2 + 30 * 9
+    assert loaded.tokenizer.encode("Hello world") == [19556, 905]
+
+
+def test_load_format_must_match_the_source(embedded_gguf: Path) -> None:
+    from kvserve.model.loader import load_model_files
+
+    with pytest.raises(ValueError, match="--load-format safetensors needs a directory"):
+        load_model_files(str(embedded_gguf), "safetensors")

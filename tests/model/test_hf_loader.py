@@ -163,3 +163,27 @@ def test_no_safetensors(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
         load_hf_weights(tmp_path, config)
+
+
+def _save_tiny_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "hi": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    hf.save_pretrained(directory)
+
+
+def test_load_model_files_hf_dir(tmp_path: Path) -> None:
+    from kvserve.model.loader import load_model_files
+
+    # (with a Qwen2 config.json, AutoTokenizer would rebuild this word-level tokenizer as BPE)
+    state = _save_tiny(tmp_path, "LlamaConfig")
+    _save_tiny_tokenizer(tmp_path)
+    loaded = load_model_files(str(tmp_path), "safetensors")
+    assert loaded.config.architecture == "llama" and loaded.tokenizer.encode("hi hi") == [2, 2]
+    assert torch.equal(loaded.weights["model.norm.weight"], state["model.norm.weight"])
+    assert load_model_files(str(tmp_path)).config == loaded.config  # auto
+    with pytest.raises(ValueError, match="--load-format gguf needs a .gguf file"):
+        load_model_files(str(tmp_path), "gguf")
