@@ -26,9 +26,9 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _SUPPORTED_NAMES = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q5_K Q6_K"
 SUPPORTED_GGML_TYPES = tuple(GGMLQuantizationType[name] for name in _SUPPORTED_NAMES.split())
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's precomputed Llama 3 rope factors
-# Blocks per dequantize call: big enough to vectorize, small enough that the scratch arrays stay
+# Values per dequantize call: big enough to vectorize, small enough that the scratch arrays stay
 # in the malloc heap (bigger chunks are mmapped and page-faulted afresh each call: 2-3x slower).
-_CHUNK_BLOCKS = 2048
+_CHUNK_VALUES = 65536
 # metadata value type id -> struct format (8 = string and 9 = array are handled separately)
 _SCALAR_FORMATS = dict(enumerate("BbHhIif?")) | {10: "Q", 11: "q", 12: "d"}
 
@@ -332,7 +332,8 @@ def load_gguf_weights(path: str | Path, config: ModelConfig) -> dict[str, torch.
         if header.architecture == "llama" and projection in ("q_proj", "k_proj"):
             is_q = projection == "q_proj"
             heads = config.num_attention_heads if is_q else config.num_key_value_heads
-            tensor = unpermute_rotary_rows(tensor, heads)
+            if tensor.shape[0] % (2 * heads) == 0:  # else check_weights reports the shape
+                tensor = unpermute_rotary_rows(tensor, heads)
         weights[name] = tensor
     drop_tied_lm_head(weights, config)
     return weights
@@ -363,7 +364,7 @@ def _read_tensor(
     qtype = GGMLQuantizationType(info.ggml_type)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     out = np.empty(math.prod(info.shape), dtype=np.float32)
-    chunk_bytes = _CHUNK_BLOCKS * type_size
+    chunk_bytes = max(1, _CHUNK_VALUES // block_size) * type_size
     for start in range(0, info.nbytes, chunk_bytes):
         chunk = raw[start : start + chunk_bytes]
         first = start // type_size * block_size
