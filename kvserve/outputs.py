@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -51,4 +52,4 @@ class RequestOutput:
     @property
     def inter_token_latencies(self) -> list[float]:
         """Seconds between consecutive generated tokens."""
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return [b - a for a, b in itertools.pairwise(self.token_times)]

@@ -68,9 +68,10 @@ def batched_decode(
     block_size = k_cache.shape[1]
     max_len = metadata.max_seq_len
     num_blocks = -(-max_len // block_size)
-    tables = metadata.block_tables[:, :num_blocks]  # [num_reqs, num_blocks]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_len]  # [num_reqs, max_len, kv_heads, dim]
-    values = v_cache[tables].flatten(1, 2)[:, :max_len]
+    tables = metadata.block_tables[:, :num_blocks].reshape(-1)  # [num_reqs * num_blocks]
+    shape = (num_reqs, num_blocks * block_size, *k_cache.shape[2:])
+    keys = k_cache.index_select(0, tables).view(shape)[:, :max_len]  # [reqs, len, kv_heads, dim]
+    values = v_cache.index_select(0, tables).view(shape)[:, :max_len]
     mask = None
     if any(n != max_len for n in metadata.seq_lens_list):
         positions = torch.arange(max_len, device=query.device)

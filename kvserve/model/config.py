@@ -20,7 +20,8 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.rope_type not in ("llama3", "linear"):
             raise ValueError(
-                f"rope_scaling.rope_type={self.rope_type!r} is not supported; use 'llama3' or 'linear'"
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported; "
+                "use 'llama3' or 'linear'"
             )
         if self.factor <= 0:
             raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
