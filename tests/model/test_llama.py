@@ -1,0 +1,94 @@
+"""The one decoder class against transformers, for every family's flags, on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from kvserve.attention.backend import create_backend
+from kvserve.attention.metadata import build_attention_metadata
+from kvserve.model.hf_loader import load_hf_weights, read_hf_config
+from kvserve.model.llama import LlamaForCausalLM
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+FAMILIES = {
+    "llama3-rope-scaling": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2-qkv-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen3-qk-norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+}
+
+
+def make_pair(tmp_path: Path, family: str) -> tuple[torch.nn.Module, LlamaForCausalLM]:
+    config_class, model_class, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    hf_config = getattr(transformers, config_class)(**TINY, **extra)
+    hf = getattr(transformers, model_class)(hf_config).eval()
+    with torch.no_grad():  # non-trivial biases and norm weights, so the flags matter
+        for name, param in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    hf.save_pretrained(tmp_path)
+    config = read_hf_config(tmp_path)
+    ours = LlamaForCausalLM.from_weights(config, load_hf_weights(tmp_path, config), torch.float32)
+    return hf, ours
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefill_and_decode_logits_match_transformers(tmp_path: Path, family: str) -> None:
+    hf, ours = make_pair(tmp_path, family)
+    config = ours.config
+    backend = create_backend("torch")
+    block_size, num_blocks = 4, 16
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
+    table = [9, 3, 12, 0, 5, 7, 1, 14]  # scattered blocks
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 21)).tolist()[0]
+    prompt_len = 13
+    with torch.no_grad():
+        reference = hf(torch.tensor([tokens])).logits[0]  # [21, vocab]
+        metadata = build_attention_metadata([prompt_len], [prompt_len], [table], block_size)
+        hidden = ours(
+            torch.tensor(tokens[:prompt_len]), torch.arange(prompt_len), caches, metadata, backend
+        )
+        torch.testing.assert_close(
+            ours.compute_logits(hidden), reference[:prompt_len], atol=1e-4, rtol=1e-4
+        )
+        for position in range(prompt_len, len(tokens)):  # decode one token at a time
+            metadata = build_attention_metadata([1], [position + 1], [table], block_size)
+            hidden = ours(
+                torch.tensor([tokens[position]]),
+                torch.tensor([position]),
+                caches,
+                metadata,
+                backend,
+            )
+            torch.testing.assert_close(
+                ours.compute_logits(hidden)[0], reference[position], atol=1e-4, rtol=1e-4
+            )
