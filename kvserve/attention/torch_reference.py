@@ -70,14 +70,14 @@ def causal_attention(
     query_pos = torch.arange(query_len, device=q.device).unsqueeze(1) + offset
     key_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
     mask = key_pos <= query_pos  # [query_len, seq_len]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),  # [num_heads, query_len, head_dim]
-        keys.transpose(0, 1).to(q.dtype),
-        values.transpose(0, 1).to(q.dtype),
+    out = F.scaled_dot_product_attention(  # 4-D, so CPU can use its flash kernel
+        q.transpose(0, 1).unsqueeze(0),  # [1, num_heads, query_len, head_dim]
+        keys.transpose(0, 1).unsqueeze(0).to(q.dtype),
+        values.transpose(0, 1).unsqueeze(0).to(q.dtype),
         attn_mask=mask,
         scale=scale,
     )
-    return out.transpose(0, 1)  # [query_len, num_heads, head_dim]
+    return out.squeeze(0).transpose(0, 1)  # [query_len, num_heads, head_dim]
 
 
 register_backend(TorchReferenceBackend.name, TorchReferenceBackend)

@@ -113,15 +113,16 @@ def _decode_subset(
 
 def _causal_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """A whole prompt attending to itself: [len, heads, dim] in, [len, heads, dim] out."""
+    # 4-D inputs: with a batch dimension the CPU flash kernel is used (3-D falls back to math).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1).to(q.dtype),
-        v.transpose(0, 1).to(q.dtype),
+        q.transpose(0, 1).unsqueeze(0),  # [1, heads, len, dim]
+        k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+        v.transpose(0, 1).unsqueeze(0).to(q.dtype),
         is_causal=True,
         scale=scale,
         enable_gqa=True,
     )
-    return out.transpose(0, 1)
+    return out.squeeze(0).transpose(0, 1)
 
 
 register_backend(TorchSDPABackend.name, TorchSDPABackend)
