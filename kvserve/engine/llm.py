@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from kvserve.attention.backend import store_kv
+from kvserve.attention.metadata import build_attention_metadata
+from kvserve.attention.torch_reference import gather_context
 from kvserve.config import EngineConfig
 from kvserve.core.request import Request
 from kvserve.engine.builder import build_engine
@@ -118,8 +121,8 @@ class LLM:
         engine = self.engine
         engine.validate_prompt(prefilled.prompt_token_ids)
         request = engine.new_request(prefilled.prompt_token_ids, params)
+        self._import_kv(request, prefilled.kv)  # checks shapes before anything is registered
         output = engine.outputs.add_request(request, prefilled.prompt)
-        self._import_kv(request, prefilled.kv)
         [token] = engine.runner.sample(
             prefilled.logits.unsqueeze(0), [(request.request_id, params, request.output_token_ids)]
         ).values()
@@ -137,13 +140,11 @@ class LLM:
         self, request_id: str, num_tokens: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         blocks = torch.tensor(self.engine.scheduler.kv.block_table(request_id), dtype=torch.int64)
-        return [
-            (
-                k[blocks].flatten(0, 1)[:num_tokens].clone(),
-                v[blocks].flatten(0, 1)[:num_tokens].clone(),
-            )
-            for k, v in self.engine.runner.kv_cache.layers
-        ]
+        out = []
+        for k_cache, v_cache in self.engine.runner.kv_cache.layers:
+            keys, values = gather_context(k_cache, v_cache, blocks, num_tokens)
+            out.append((keys.clone(), values.clone()))
+        return out
 
     def _import_kv(self, request: Request, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         cache = self.engine.runner.kv_cache
@@ -156,16 +157,11 @@ class LLM:
         if not self.engine.scheduler.kv.allocate_slots(request, num_tokens):
             raise RuntimeError("no free KV blocks to load the prefilled request into")
         blocks = self.engine.scheduler.kv.block_table(request.request_id)
-        slots = torch.tensor(
-            [
-                blocks[p // cache.block_size] * cache.block_size + p % cache.block_size
-                for p in range(num_tokens)
-            ],
-            dtype=torch.int64,
-        )
+        slots = build_attention_metadata(
+            [num_tokens], [num_tokens], [blocks], cache.block_size
+        ).slot_mapping
         for (k_cache, v_cache), (keys, values) in zip(cache.layers, kv, strict=True):
-            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, keys.to(k_cache.dtype))
-            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, values.to(v_cache.dtype))
+            store_kv(k_cache, v_cache, keys, values, slots)
         request.num_computed_tokens = num_tokens
 
     def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
