@@ -28,6 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     attention_backend: str = "sdpa"
     num_threads: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

@@ -58,6 +58,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="attention implementation: sdpa (fast) or torch (the reference)",
     )
     group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    group.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="do not reuse the KV blocks of prompts that share a prefix (on by default)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, default_max_tokens: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from kvserve.core.block_hash import BlockKey
 from kvserve.sampling_params import SamplingParams
 
 
@@ -37,6 +38,8 @@ class Request:
     hold_kv: bool = False  # keep blocks after finishing until the engine releases them
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     num_preemptions: int = 0
+    cache_salt: str | None = None  # isolates this request's prefix-cache entries from others'
+    block_keys: list[BlockKey] = field(default_factory=list)  # of its full blocks, kept on preempt
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -49,6 +52,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def is_finished(self) -> bool:

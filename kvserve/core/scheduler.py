@@ -7,10 +7,11 @@ grant of 1; a chunked prefill is a grant smaller than what remains.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.kv_cache_manager import KVCacheManager, PrefixHit
 from kvserve.core.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
 
@@ -60,7 +61,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Continuous batching over a KVCacheManager; preempts the newest request when short."""
+    """Continuous batching over a KVCacheManager; preempts the newest request when short.
+
+    ``running`` is kept in arrival order, so running requests are granted oldest first and a
+    preemption victim (the newest) is never one already granted in the same step.
+    """
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
         self.config = config
@@ -70,14 +75,34 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_step: list[str] = []
         self.num_preemptions = 0
+        self.prompt_tokens_total = 0  # prompts of requests that reached their first token
+        self.prompt_tokens_computed = 0  # prompt positions run through the model (not cached)
+        self.generation_tokens_total = 0
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def pool_tokens(self) -> int:
+        return self.kv.num_blocks * self.kv.block_size
+
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        """Raise ValueError for a prompt that could never run, even alone in an empty pool."""
+        limit = min(self.config.max_model_len, self.pool_tokens)
+        if num_prompt_tokens + 1 > limit:
+            raise ValueError(
+                f"prompt is {num_prompt_tokens} tokens, but the longest sequence this engine "
+                f"can hold is {limit} tokens (max_model_len {self.config.max_model_len}, KV pool "
+                f"{self.pool_tokens} tokens) and at least one token must be generated"
+            )
+
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_fits(request.num_prompt_tokens)
+        # A request may never outgrow the pool: alone, it always fits, so nothing deadlocks.
+        request.max_model_len = min(request.max_model_len, self.pool_tokens)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -87,8 +112,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted_this_step = False
         for request in list(self.running):
-            if request.status is not RequestStatus.RUNNING or budget == 0:
-                continue
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
@@ -101,20 +128,33 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new):
+            # A request whose KV was loaded from elsewhere (LLM.decode) already has its blocks.
+            holds_kv = bool(self.kv.block_table(request.request_id))
+            prefix = None if holds_kv else self.kv.find_cached_prefix(request)
+            start = prefix.num_tokens if prefix else request.num_computed_tokens
+            num_new = min(request.num_tokens - start, budget)
+            if not self.kv.allocate_slots(request, num_new, prefix):
                 break
             self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._admit(request, prefix)
             out.scheduled.append(self._grant(request, num_new))
             budget -= num_new
         return out
 
+    def _admit(self, request: Request, prefix: PrefixHit | None) -> None:
+        """Move a request that got its blocks from waiting to running."""
+        if prefix is not None:
+            self.kv.record_prefix_lookup(request.num_tokens, prefix)
+            request.num_computed_tokens = prefix.num_tokens
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = prefix.num_tokens
+        request.status = RequestStatus.RUNNING
+        bisect.insort(self.running, request, key=lambda r: r.arrival_time)
+
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Find blocks for ``request``, preempting the newest running requests if needed."""
         while not self.kv.allocate_slots(request, num_new):
-            victim = max(self.running, key=lambda r: r.arrival_time)
+            victim = self.running[-1]
             self._preempt(victim)
             out.preempted_ids.append(victim.request_id)
             if victim is request:
@@ -152,8 +192,14 @@ class Scheduler:
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += len(item.token_ids)
+            self.prompt_tokens_computed += max(
+                0, min(request.num_computed_tokens, request.num_prompt_tokens) - item.start_position
+            )
             if item.sample and item.request_id in sampled:
                 request.append_output_token(sampled[item.request_id])
+                self.generation_tokens_total += 1
+                if request.num_output_tokens == 1:
+                    self.prompt_tokens_total += request.num_prompt_tokens
                 if request.is_finished:
                     self._retire(request)
                     finished.append(request)
@@ -182,3 +228,22 @@ class Scheduler:
     def release_held(self, request: Request) -> None:
         """Free the blocks of a finished request that held its KV (after it was exported)."""
         self.kv.free(request)
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters and gauges of the queue, the KV pool and the prefix cache."""
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "kv_blocks_total": self.kv.num_blocks,
+            "kv_blocks_free": self.kv.num_free_blocks,
+            "kv_blocks_cached": self.kv.pool.num_cached_blocks,
+            "kv_usage": self.kv.usage,
+            "block_size": self.kv.block_size,
+            "max_model_len": self.config.max_model_len,
+            "prefix_cache_queries": self.kv.prefix_cache_queries,
+            "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "num_preemptions": self.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "prompt_tokens_computed": self.prompt_tokens_computed,
+            "generation_tokens_total": self.generation_tokens_total,
+        }

@@ -53,7 +53,9 @@ def build_engine(config: EngineConfig) -> EngineCore:
         max_num_batched_tokens=config.max_num_batched_tokens or min(max_model_len, 8192),
         max_model_len=max_model_len,
     )
-    kv_manager = KVCacheManager(kv_cache.num_blocks, kv_cache.block_size)
+    kv_manager = KVCacheManager(
+        kv_cache.num_blocks, kv_cache.block_size, config.enable_prefix_caching
+    )
     runner = ModelRunner(
         model,
         kv_cache,
@@ -97,7 +99,7 @@ def _log_startup(
     )
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d, "
-        "max_num_seqs %d, max_num_batched_tokens %d",
+        "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
         kv_cache.num_blocks,
         kv_cache.block_size,
         kv_cache.num_tokens,
@@ -105,4 +107,5 @@ def _log_startup(
         scheduler_config.max_model_len,
         scheduler_config.max_num_seqs,
         scheduler_config.max_num_batched_tokens,
+        "on" if config.enable_prefix_caching else "off",
     )

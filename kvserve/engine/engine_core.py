@@ -83,6 +83,10 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     def step(self) -> list[StreamDelta]:
         """Run one scheduler step and return what each request gained."""
         scheduled = self.scheduler.schedule()

@@ -61,26 +61,50 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion as one continuous batch; outputs in input order."""
+        """Run every prompt to completion; outputs in input order.
+
+        Every prompt is tokenized and checked first, so a bad one fails before any work. They
+        then enter the engine a window at a time (the waiting queue is kept at ``max_num_seqs``),
+        so thousands of prompts stream through the scheduler instead of all being queued.
+        """
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
-        outputs = self._add_all(prompt_list, param_list)
-        progress = tqdm(total=len(outputs), disable=not use_tqdm, unit="req", desc="generate")
+        tokenized = self._tokenize_all(prompt_list)
+        outputs: list[RequestOutput] = []
+        window = self.engine.scheduler.config.max_num_seqs
+        progress = tqdm(total=len(tokenized), disable=not use_tqdm, unit="req", desc="generate")
         generated = 0
-        while self.engine.has_unfinished:
-            for delta in self.engine.step():
-                generated += len(delta.token_ids)
-                if delta.finished:
-                    progress.update(1)
-                    progress.set_postfix_str(
-                        f"{generated / progress.format_dict['elapsed']:.1f} tok/s"
-                        if progress.format_dict["elapsed"]
-                        else ""
-                    )
-        progress.close()
+        try:
+            while True:
+                while len(outputs) < len(tokenized) and self.engine.num_waiting < window:
+                    (prompt_ids, text), p = tokenized[len(outputs)], param_list[len(outputs)]
+                    request = self.engine.new_request(prompt_ids, p)
+                    outputs.append(self.engine.add_request(request, text))
+                if not self.engine.has_unfinished:
+                    break
+                for delta in self.engine.step():
+                    generated += len(delta.token_ids)
+                    if delta.finished:
+                        progress.update(1)
+                        elapsed = progress.format_dict["elapsed"]
+                        if elapsed:
+                            progress.set_postfix_str(f"{generated / elapsed:.1f} tok/s")
+        finally:
+            progress.close()
+            for output in outputs:
+                if not output.finished:
+                    self.engine.abort(output.request_id)
         return outputs
+
+    def get_stats(self) -> dict[str, int | float]:
+        """Queue, KV pool and prefix-cache counters (see ``Scheduler.stats``)."""
+        return self.engine.scheduler.stats()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached blocks no request holds (for benchmarks that compare cold runs)."""
+        self.engine.scheduler.kv.reset_prefix_cache()
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield one request's text as it is generated (aborted if the caller stops early)."""
@@ -97,7 +121,7 @@ class LLM:
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """Apply the model's chat template and generate the assistant's reply."""
         prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate([prompt_ids], params)[0]
+        return self.generate([prompt_ids], params, use_tqdm=False)[0]
 
     def prefill(self, prompt: Prompt) -> Prefilled:
         """Phase one alone: compute the prompt's layer-wise KV and the first token's logits."""
@@ -169,11 +193,20 @@ class LLM:
             return self.tokenizer.encode(prompt), prompt
         return [int(t) for t in prompt], None
 
+    def _tokenize_all(self, prompts: list[Prompt]) -> list[tuple[list[int], str | None]]:
+        tokenized = [self._tokenize(p) for p in prompts]
+        for index, (prompt_ids, _) in enumerate(tokenized):
+            try:
+                self.engine.validate_prompt(prompt_ids)
+            except ValueError as error:
+                if len(prompts) == 1:
+                    raise
+                raise ValueError(f"prompts[{index}]: {error}") from None
+        return tokenized
+
     def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestOutput]:
         """Validate every prompt first, so a bad one allocates nothing, then add them all."""
-        tokenized = [self._tokenize(p) for p in prompts]
-        for prompt_ids, _ in tokenized:
-            self.engine.validate_prompt(prompt_ids)
+        tokenized = self._tokenize_all(prompts)
         outputs = []
         for (prompt_ids, text), p in zip(tokenized, params, strict=True):
             request = self.engine.new_request(prompt_ids, p)

@@ -19,9 +19,14 @@ def make_request(request_id: str, num_prompt_tokens: int, arrival: float, **para
     )
 
 
-def make_scheduler(num_blocks: int = 16, budget: int = 64, max_seqs: int = 8) -> Scheduler:
+def make_scheduler(
+    num_blocks: int = 16, budget: int = 64, max_seqs: int = 8, prefix_caching: bool = False
+) -> Scheduler:
+    """Prefix caching is off unless asked for: these prompts all start with the same tokens."""
     config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=64)
-    return Scheduler(config, KVCacheManager(num_blocks, block_size=4))
+    return Scheduler(
+        config, KVCacheManager(num_blocks, block_size=4, enable_prefix_caching=prefix_caching)
+    )
 
 
 def run_step(scheduler: Scheduler, token: int = 7) -> dict[str, list[int]]:
