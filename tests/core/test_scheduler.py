@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler, SchedulerConfig
@@ -118,3 +120,75 @@ def test_finish_request_from_outside_frees_blocks_now() -> None:
     assert scheduler.kv.num_free_blocks == 16
     assert not scheduler.has_unfinished
     assert scheduler.schedule().finished_ids == ["a", "w"]
+
+
+def test_a_prompt_that_could_never_fit_is_rejected_and_leaves_nothing() -> None:
+    scheduler = make_scheduler(num_blocks=4)  # 16 tokens in the pool, max_model_len 64
+    with pytest.raises(ValueError, match="prompt is 16 tokens.*can hold is 16 tokens"):
+        scheduler.add_request(make_request("big", 16, 0.0))
+    assert not scheduler.has_unfinished and scheduler.kv.num_free_blocks == 4
+    ok = make_request("ok", 15, 0.0, max_tokens=50)
+    scheduler.add_request(ok)
+    assert ok.max_model_len == 16  # it can never outgrow the pool
+    while scheduler.has_unfinished:
+        run_step(scheduler)
+    assert ok.finish_reason == "length" and ok.num_tokens == 16
+
+
+def test_a_waiting_request_reuses_the_running_ones_prefix() -> None:
+    scheduler = make_scheduler(prefix_caching=True)
+    scheduler.add_request(make_request("a", 9, 0.0))
+    run_step(scheduler)
+    scheduler.add_request(make_request("b", 10, 1.0))
+    out = scheduler.schedule()
+    item = {s.request_id: s for s in out.scheduled}["b"]
+    # a's two full blocks are hits: b computes its last two prompt tokens only.
+    assert (item.start_position, item.token_ids, item.block_ids) == (8, [18, 19], [0, 1, 3])
+    assert scheduler.requests["b"].num_cached_tokens == 8
+    assert scheduler.stats()["prefix_cache_hits"] == 8
+
+
+def test_preempting_a_request_that_shares_blocks_keeps_them_for_the_other() -> None:
+    scheduler = make_scheduler(num_blocks=5, prefix_caching=True)
+    old = make_request("old", 9, 0.0, max_tokens=12)  # blocks 0, 1 full, 2 partial
+    new = make_request("new", 9, 1.0, max_tokens=12)  # shares 0, 1; own block 3
+    scheduler.add_request(old)
+    run_step(scheduler)
+    scheduler.add_request(new)
+    run_step(scheduler)
+    assert scheduler.kv.block_table("new") == [0, 1, 3]
+    for _ in range(3):  # old grows into block 4; the pool (5) is now full
+        run_step(scheduler)
+    assert scheduler.kv.block_table("old") == [0, 1, 2, 4]
+    assert scheduler.kv.num_free_blocks == 0
+    out = scheduler.schedule()  # new needs a fifth block for position 12 and is the newest
+    assert out.preempted_ids == ["new"]
+    assert [s.request_id for s in out.scheduled] == ["old"]
+    # The shared blocks stay with old. new's full block 3 held the same tokens as old's block
+    # 2 (same prompt, same outputs), so it was never a second cache entry: it is empty now.
+    assert [scheduler.kv.pool.ref_counts[b] for b in (0, 1, 3)] == [1, 1, 0]
+    assert scheduler.kv.pool.keys[3] is None and scheduler.kv.num_free_blocks == 1
+    scheduler.update_from_output(out, {"old": 7})
+    scheduler.kv.check_invariants()
+    while scheduler.has_unfinished:
+        run_step(scheduler)
+    assert old.output_token_ids == new.output_token_ids == [7] * 12
+    assert new.num_preemptions == 1 and scheduler.stats()["num_preemptions"] == 1
+    assert scheduler.kv.num_free_blocks == 5
+
+
+def test_stats_count_tokens_exactly() -> None:
+    scheduler = make_scheduler(prefix_caching=True)
+    scheduler.add_request(make_request("a", 9, 0.0, max_tokens=2))
+    scheduler.add_request(make_request("b", 9, 1.0, max_tokens=3))
+    while scheduler.has_unfinished:
+        run_step(scheduler)
+    stats = scheduler.stats()
+    # a and b are admitted in the same step: a's blocks are registered as it is allocated,
+    # so b already hits its two full blocks.
+    assert stats["prefix_cache_queries"] == 18 and stats["prefix_cache_hits"] == 8
+    assert stats["prompt_tokens_total"] == 18
+    assert stats["prompt_tokens_computed"] == 9 + 1
+    assert stats["generation_tokens_total"] == 5
+    assert (stats["num_running"], stats["num_waiting"], stats["kv_usage"]) == (0, 0, 0.0)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 16
