@@ -1,4 +1,4 @@
-"""`kvserve` command line: generate and chat."""
+"""`kvserve` command line: generate, chat and bench."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from kvserve.cli.args import (
     engine_config_from_args,
     sampling_params_from_args,
 )
+from kvserve.cli.bench import add_bench_parser, run_bench
 from kvserve.config import EngineConfig
 
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(chat, default_max_tokens=512)
     add_engine_args(chat)
+    add_bench_parser(commands)
     return parser
 
 
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.command == "bench":
+        return run_bench(args, sys.argv[1:] if argv is None else argv)
     try:
         engine_config = engine_config_from_args(args)
         params = sampling_params_from_args(args)
