@@ -101,7 +101,11 @@ def _run_throughput(
 ) -> tuple[str, dict]:
     from kvserve.benchmarks.hf_peer import load_hf_model, run_hf_generate
     from kvserve.benchmarks.report import engine_facts
-    from kvserve.benchmarks.throughput import render_throughput_report, run_throughput
+    from kvserve.benchmarks.throughput import (
+        measure_batch1_decode,
+        render_throughput_report,
+        run_throughput,
+    )
     from kvserve.benchmarks.workload import ordinary_token_ids, throughput_workload
 
     if args.peer == "hf" and config.load_format == "dummy":
@@ -113,6 +117,8 @@ def _run_throughput(
     )
     _log(f"kvserve: {len(requests)} requests")
     result = run_throughput(llm, requests, log=_log)
+    _log("kvserve: one request alone, for the batch-1 decode rate")
+    batch1 = measure_batch1_decode(llm, requests[0])
     facts = engine_facts(llm)
     del llm
     gc.collect()  # free kvserve's KV pool before the peer loads
@@ -126,10 +132,11 @@ def _run_throughput(
         f"lengths in {_span(args.output_len)} (seed {args.seed}): {result.prompt_tokens:,} "
         f"prompt and {result.output_tokens:,} output tokens; greedy, EOS ignored"
     )
-    report = render_throughput_report(command, facts, workload, result, peer)
+    report = render_throughput_report(command, facts, workload, result, peer, batch1)
     data = {
         "benchmark": "throughput", "facts": facts, "workload": workload,
         "kvserve": result.to_dict(), "transformers": peer.to_dict() if peer else None,
+        "batch1_decode_tokens_per_s": batch1,
     }
     return report, data
 

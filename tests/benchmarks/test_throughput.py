@@ -87,3 +87,19 @@ def test_report_names_the_command_machine_and_ends_with_the_table() -> None:
     assert report.splitlines()[-1] == "| output tokens | 10,000 |"
     assert "| output tokens/s | 200.0 |" in report
     assert result.to_dict()["requests_per_s"] == pytest.approx(1.28)
+
+
+def test_batch1_decode_rate_comes_from_one_request_alone(llm_f32: LLM) -> None:
+    [request] = tiny_workload(llm_f32, num_requests=1)
+    before = llm_f32.get_stats()
+    rate = throughput.measure_batch1_decode(llm_f32, request, output_tokens=4)
+    after = llm_f32.get_stats()
+    assert rate > 0
+    # The warm-up request (2 tokens) and the measured one (4 tokens); nothing left behind.
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] == 2 + 4
+    assert after["num_running"] == 0 and after["kv_blocks_free"] == after["kv_blocks_total"]
+    report = render_throughput_report(
+        "kvserve bench throughput", engine_facts(llm_f32), "tiny",
+        run_throughput(llm_f32, [request]), None, batch1_tokens_per_s=rate,
+    )  # fmt: skip
+    assert f"batch-1 decode ({rate:.1f} tokens/s)" in report
