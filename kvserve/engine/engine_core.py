@@ -16,6 +16,15 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.worker.model_runner import ModelRunner, SampledToken
 
 
+class StepFailed(RuntimeError):
+    """A step raised inside the model; ``request_ids`` were in it and have been aborted."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
 class EngineCore:
     """One engine: a scheduler, a model runner and an output processor, driven by ``step``."""
 
@@ -88,9 +97,21 @@ class EngineCore:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[StreamDelta]:
-        """Run one scheduler step and return what each request gained."""
+        """Run one scheduler step and return what each request gained.
+
+        If the model fails, the step's requests are aborted (their blocks freed), cached blocks
+        nobody holds are forgotten (this step may have registered blocks it never filled), and
+        StepFailed names the requests; the engine stays usable for the others.
+        """
         scheduled = self.scheduler.schedule()
-        result = self.runner.execute(scheduled, frozenset(self._capture_logits))
+        try:
+            result = self.runner.execute(scheduled, frozenset(self._capture_logits))
+        except Exception as error:
+            failed = [s.request_id for s in scheduled.scheduled]
+            for request_id in failed:
+                self.abort(request_id)
+            self.scheduler.kv.reset_prefix_cache()
+            raise StepFailed(failed, error) from error
         for request_id, logits in result.logits.items():
             self.captured_logits.setdefault(request_id, []).append(logits)
         requests = {

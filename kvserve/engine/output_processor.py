@@ -21,6 +21,7 @@ class StreamDelta:
     token_ids: list[int]
     output: RequestOutput  # the cumulative output so far
     finished: bool
+    logprobs: list[TokenLogprob] | None = None  # of this delta's tokens, when asked for
 
 
 class OutputProcessor:
@@ -57,8 +58,10 @@ class OutputProcessor:
         if output.first_token_time is None:
             output.first_token_time = now
         output.num_cached_tokens = request.num_cached_tokens
+        new_logprobs = None
         if output.logprobs is not None and token.logprob is not None:
-            output.logprobs.append(self._logprob(token))
+            new_logprobs = [self._logprob(token)]
+            output.logprobs.extend(new_logprobs)
         update = detokenizer.append(token.token_id)
         text = update.delta
         finished = request.is_finished or update.stop_string is not None
@@ -71,7 +74,9 @@ class OutputProcessor:
             output.stop_reason = update.stop_string if update.stop_string else request.stop_reason
             output.finished_time = now
         output.text = detokenizer.text if finished else output.text + text
-        delta = StreamDelta(request.request_id, text, [token.token_id], output, finished)
+        delta = StreamDelta(
+            request.request_id, text, [token.token_id], output, finished, new_logprobs
+        )
         if finished:
             self._forget(request.request_id)
         return delta, update.stop_string
