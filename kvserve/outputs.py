@@ -34,6 +34,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
+    scheduled_time: float | None = None  # first admitted to the running batch
     first_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)
@@ -41,6 +42,13 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival until the scheduler first admitted the request."""
+        if self.scheduled_time is None:
+            return None
+        return self.scheduled_time - self.arrival_time
 
     @property
     def time_to_first_token(self) -> float | None:

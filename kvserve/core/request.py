@@ -38,6 +38,7 @@ class Request:
     hold_kv: bool = False  # keep blocks after finishing until the engine releases them
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # perf_counter when first admitted (queue time)
     cache_salt: str | None = None  # isolates this request's prefix-cache entries from others'
     block_keys: list[BlockKey] = field(default_factory=list)  # of its full blocks, kept on preempt
 

@@ -8,6 +8,7 @@ grant of 1; a chunked prefill is a grant smaller than what remains.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -149,6 +150,8 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = prefix.num_tokens
         request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.perf_counter()
         bisect.insort(self.running, request, key=lambda r: r.arrival_time)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:

@@ -57,6 +57,7 @@ class OutputProcessor:
         output.token_times.append(now)
         if output.first_token_time is None:
             output.first_token_time = now
+            output.scheduled_time = request.first_scheduled_time
         output.num_cached_tokens = request.num_cached_tokens
         new_logprobs = None
         if output.logprobs is not None and token.logprob is not None:

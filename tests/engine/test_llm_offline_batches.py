@@ -67,3 +67,10 @@ def test_stats_report_the_pool_and_the_counters(llm_f32: LLM) -> None:
     assert after["prefix_cache_hits"] - before["prefix_cache_hits"] >= 32
     assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == 80
     assert after["kv_blocks_free"] == after["kv_blocks_total"] and after["kv_usage"] == 0.0
+
+
+def test_queue_time_is_from_arrival_to_first_admission(llm_f32: LLM) -> None:
+    [output] = llm_f32.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert output.scheduled_time is not None and output.first_token_time is not None
+    assert output.arrival_time <= output.scheduled_time <= output.first_token_time
+    assert output.queue_time == output.scheduled_time - output.arrival_time
