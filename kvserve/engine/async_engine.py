@@ -237,6 +237,7 @@ class AsyncEngine:
             self._publish_stats()
             return
         self.last_step_time = time.perf_counter() - started
+        self._publish_stats()  # before the deltas: a client that got its last token sees it
         for delta in deltas:
             stream = self._streams.get(delta.request_id)
             if stream is None:
@@ -244,7 +245,6 @@ class AsyncEngine:
             stream.put(delta)
             if delta.finished:
                 del self._streams[delta.request_id]
-        self._publish_stats()
 
     def _publish_stats(self) -> None:
         self._stats = self.engine.scheduler.stats()
