@@ -75,6 +75,8 @@ class EngineCore:
         self, request: Request, prompt: str | None = None, capture_logits: bool = False
     ) -> RequestOutput:
         self.validate_prompt(request.prompt_token_ids)
+        if request.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         output = self.outputs.add_request(request, prompt)
         if capture_logits:  # keep the raw logits of every sampling step (tests, prefill export)
             self._capture_logits.add(request.request_id)

@@ -74,3 +74,15 @@ def test_queue_time_is_from_arrival_to_first_admission(llm_f32: LLM) -> None:
     assert output.scheduled_time is not None and output.first_token_time is not None
     assert output.arrival_time <= output.scheduled_time <= output.first_token_time
     assert output.queue_time == output.scheduled_time - output.arrival_time
+
+
+def test_a_duplicate_request_id_is_refused_and_the_live_request_is_untouched(
+    llm_f32: LLM,
+) -> None:
+    engine = llm_f32.engine
+    live = engine.add_request(engine.new_request([5, 6, 7], SamplingParams(max_tokens=3), "dup"))
+    with pytest.raises(ValueError, match="'dup' is already in use"):
+        engine.add_request(engine.new_request([8, 9], SamplingParams(max_tokens=3), "dup"))
+    while engine.has_unfinished:
+        engine.step()
+    assert live.finished and live.prompt_token_ids == [5, 6, 7] and len(live.token_ids) == 3
