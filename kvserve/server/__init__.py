@@ -3,6 +3,7 @@
     protocol.py      request and response models (OpenAI's field names and limits)
     errors.py        OpenAI's error JSON and the exception handlers
     streams.py       the engine requests of one HTTP request (``n`` choices, several prompts)
+    serving.py       what the endpoints share: limits, sampling params, usage, delivery
     sse.py           server-sent events
     chat.py          POST /v1/chat/completions
     completions.py   POST /v1/completions

@@ -1,0 +1,154 @@
+"""The FastAPI app: OpenAI's endpoints over an AsyncEngine, plus health, stats and metrics.
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /v1/stats
+    GET /health                 GET /metrics
+
+With an API key, every ``/v1`` route needs ``Authorization: Bearer <key>``; ``/health`` and
+``/metrics`` stay open for load balancers and scrapers. The app's lifespan starts the engine's
+step loop and stops it; ``begin_drain`` (called on SIGTERM) refuses new requests and gives the
+ones in flight a grace period before they are aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from kvserve.engine.async_engine import AsyncEngine
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.server.chat import create_chat_completion
+from kvserve.server.completions import create_completion
+from kvserve.server.errors import (
+    APIError,
+    from_validation_error,
+    install_error_handlers,
+    invalid_request,
+)
+from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from kvserve.server.serving import ServerContext, json_response
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def build_app(
+    async_engine: AsyncEngine,
+    tokenizer: Tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    metrics: Any = None,
+) -> FastAPI:
+    """An app serving ``async_engine`` as ``model_name``; ``metrics`` is a ServerMetrics."""
+    ctx = ServerContext(async_engine, tokenizer, model_name, api_key, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            ctx.draining = True
+            await asyncio.to_thread(async_engine.shutdown, 0.0)
+
+    app = FastAPI(title="kvserve", summary="An OpenAI-compatible LLM server", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(_v1_router(ctx))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if ctx.draining or not async_engine.is_running:
+            status = "shutting down" if ctx.draining else "engine stopped"
+            return JSONResponse({"status": status}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        if metrics is None:
+            raise APIError(HTTPStatus.NOT_FOUND, "metrics are off on this server")
+        body, content_type = metrics.render(async_engine.stats())
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+def _v1_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(ctx.api_key))])
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _parse(request, ChatCompletionRequest)
+        ctx.check_accepting()
+        return await create_chat_completion(ctx, request, body)
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Response:
+        body = await _parse(request, CompletionRequest)
+        ctx.check_accepting()
+        return await create_completion(ctx, request, body)
+
+    @router.get("/models")
+    async def models() -> Response:
+        card = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
+        return json_response(ModelList(data=[card]))
+
+    @router.get("/stats")
+    async def stats() -> JSONResponse:
+        """The engine's counters (``AsyncEngine.stats``) and the requests in flight."""
+        return JSONResponse({**ctx.engine.stats(), "num_in_flight": ctx.engine.num_in_flight})
+
+    return router
+
+
+def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that refuses (401) a request without ``Bearer <api_key>``."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(
+                HTTPStatus.UNAUTHORIZED,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+async def _parse(request: Request, model: type[Body]) -> Body:
+    """The JSON body as ``model``: 400 for malformed JSON or an invalid field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise invalid_request(f"the body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise invalid_request(f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise from_validation_error(error) from None
+
+
+def begin_drain(app: FastAPI, timeout_s: float) -> threading.Thread:
+    """Refuse new requests (503) and, in a thread, let those in flight finish for up to
+    ``timeout_s`` seconds; then stop the engine, which ends the rest with an error."""
+    ctx: ServerContext = app.state.ctx
+    ctx.draining = True
+    thread = threading.Thread(
+        target=ctx.engine.shutdown, args=(timeout_s,), name="kvserve-drain", daemon=True
+    )
+    thread.start()
+    return thread

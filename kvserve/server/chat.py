@@ -1,0 +1,139 @@
+"""``POST /v1/chat/completions``: the messages go through the model's chat template (as
+``LLM.chat`` does), then ``n`` choices are generated, whole or streamed in OpenAI's format:
+a first chunk per choice with the assistant role, content deltas, a chunk with the
+``finish_reason``, an optional usage chunk with no choices, then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response
+from jinja2 import TemplateError
+
+from kvserve.engine.output_processor import StreamDelta
+from kvserve.outputs import TokenLogprob
+from kvserve.server import sse
+from kvserve.server.errors import invalid_request
+from kvserve.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from kvserve.server.serving import (
+    PromptInput,
+    ServerContext,
+    choice_requests,
+    clamp_logprob,
+    event_stream,
+    finish_reason,
+    json_response,
+    new_id,
+    run_to_completion,
+    unix_time,
+    usage,
+)
+from kvserve.server.streams import ChoiceStreams
+
+
+async def create_chat_completion(
+    ctx: ServerContext, request: Request, body: ChatCompletionRequest
+) -> Response:
+    ctx.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    messages = [message.to_template() for message in body.messages]
+    try:
+        prompt_ids = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except (ValueError, TemplateError) as error:
+        raise invalid_request(f"messages: {error}", param="messages") from None
+    prompts = [PromptInput(prompt_ids, None)]
+    max_tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    response_id = new_id("chatcmpl")
+    requests = choice_requests(
+        ctx, body, prompts, response_id, "messages", logprobs, max_tokens_param
+    )
+    streams = ctx.streams(requests)
+    await streams.start()
+    if body.stream:
+        return event_stream(streams, _chunks(ctx, body, streams, response_id, prompts))
+    outputs = await run_to_completion(request, streams)
+    choices = [
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content=output.text),
+            logprobs=_logprobs(output.logprobs) if body.logprobs else None,
+            finish_reason=finish_reason(output),
+        )
+        for index, output in sorted(outputs.items())
+    ]
+    completion = ChatCompletion(
+        id=response_id,
+        created=unix_time(),
+        model=ctx.model_name,
+        choices=choices,
+        usage=usage(prompts, outputs, body.n),
+    )
+    return json_response(completion)
+
+
+async def _chunks(
+    ctx: ServerContext,
+    body: ChatCompletionRequest,
+    streams: ChoiceStreams,
+    response_id: str,
+    prompts: list[PromptInput],
+) -> AsyncIterator[bytes]:
+    created = unix_time()
+    exclude = None if body.include_usage else {"usage"}
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        payload = ChatCompletionChunk(
+            id=response_id, created=created, model=ctx.model_name, choices=choices, usage=usage
+        )
+        return sse.event(payload, exclude=exclude)
+
+    for index in range(body.n):
+        yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
+    async for index, delta in streams:
+        logprobs = _delta_logprobs(delta) if body.logprobs else None
+        if delta.text or logprobs:
+            yield chunk(
+                [ChatChunkChoice(index=index, delta={"content": delta.text}, logprobs=logprobs)]
+            )
+        if delta.finished:
+            reason = finish_reason(delta.output)
+            yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=reason)])
+    if body.include_usage:
+        yield chunk([], usage=usage(prompts, streams.outputs, body.n))
+
+
+def _delta_logprobs(delta: StreamDelta) -> ChatLogprobs | None:
+    return _logprobs(delta.logprobs) if delta.logprobs else None
+
+
+def _logprobs(logprobs: list[TokenLogprob] | None) -> ChatLogprobs:
+    """OpenAI's ``logprobs.content``: each token with its bytes and the top alternatives."""
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=item.token,
+                logprob=clamp_logprob(item.logprob),
+                bytes=list(item.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=text, logprob=clamp_logprob(lp), bytes=list(text.encode()))
+                    for _, text, lp in item.top_logprobs
+                ],
+            )
+            for item in logprobs or []
+        ]
+    )

@@ -1,0 +1,247 @@
+"""What the chat and completions endpoints share: the server's context, turning a request into
+engine requests (limits, sampling params, ``n`` choices), usage, and the two ways a response
+is delivered (whole, or as server-sent events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.server import sse
+from kvserve.server.errors import (
+    APIError,
+    context_length_exceeded,
+    engine_failure,
+    from_sampling_error,
+    internal_error,
+    invalid_request,
+)
+from kvserve.server.protocol import PromptTokensDetails, SamplingRequest, Usage
+from kvserve.server.request_log import log_finished
+from kvserve.server.streams import ChoiceRequest, ChoiceStreams
+
+logger = logging.getLogger("kvserve.server")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+
+def unix_time() -> int:
+    return int(time.time())
+
+
+@dataclass
+class ServerContext:
+    """What every endpoint needs: the engine, the tokenizer, the served name and the metrics."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    model_name: str
+    api_key: str | None = None
+    metrics: Any = None  # a ServerMetrics, or None
+    draining: bool = False  # set on SIGTERM: new requests get 503
+    created: int = field(default_factory=unix_time)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                HTTPStatus.NOT_FOUND,
+                f"The model {name!r} does not exist; this server serves {self.model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise APIError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the server is shutting down; retry on another instance",
+                type="server_error",
+            )
+
+    def on_finished(self, output: RequestOutput) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_finished(output)
+        log_finished(output)
+
+    def streams(self, requests: list[ChoiceRequest]) -> ChoiceStreams:
+        return ChoiceStreams(self.engine, requests, self.on_finished, lambda: self.draining)
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    token_ids: list[int]
+    text: str | None  # None when the client sent token ids (or chat messages)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def choice_requests(
+    ctx: ServerContext,
+    body: SamplingRequest,
+    prompts: Sequence[PromptInput],
+    response_id: str,
+    prompt_param: str,
+    logprobs: int | None,
+    max_tokens_param: str = "max_tokens",
+) -> list[ChoiceRequest]:
+    """``n`` engine requests per prompt, checked against the model's limits first.
+
+    Choice ``j`` of prompt ``i`` is response index ``i * n + j``; with a ``seed`` it samples
+    with ``seed + j``, so the choices differ but a repeated request gives the same ones.
+    """
+    requested = getattr(body, max_tokens_param)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        param = prompt_param if len(prompts) == 1 else f"{prompt_param}.{i}"
+        max_tokens = _max_tokens(ctx, prompt.token_ids, requested, param)
+        for j in range(body.n):
+            index = i * body.n + j
+            requests.append(
+                ChoiceRequest(
+                    index=index,
+                    request_id=f"{response_id}-{index}",
+                    prompt_token_ids=prompt.token_ids,
+                    prompt=prompt.text,
+                    params=sampling_params(body, max_tokens, j, logprobs, max_tokens_param),
+                )
+            )
+    return requests
+
+
+def _max_tokens(
+    ctx: ServerContext, prompt_token_ids: list[int], requested: int | None, param: str
+) -> int:
+    """``requested``, or what is left of the context; 400 if it does not fit (nothing is
+    capped silently) or the prompt itself is invalid."""
+    num_prompt_tokens = len(prompt_token_ids)
+    limit = ctx.max_model_len
+    if num_prompt_tokens + max(requested or 0, 1) > limit:
+        raise context_length_exceeded(limit, num_prompt_tokens, requested, param)
+    try:
+        ctx.engine.validate(prompt_token_ids)
+    except ValueError as error:
+        raise invalid_request(f"{param}: {error}", param=param) from None
+    return requested if requested is not None else limit - num_prompt_tokens
+
+
+def sampling_params(
+    body: SamplingRequest,
+    max_tokens: int,
+    choice: int,
+    logprobs: int | None,
+    max_tokens_param: str,
+) -> SamplingParams:
+    stop = body.stop if body.stop is not None else ()
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k,
+            min_p=0.0 if body.min_p is None else body.min_p,
+            seed=None if body.seed is None else body.seed + choice,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as error:
+        raise from_sampling_error(error, max_tokens_param) from None
+
+
+def usage(prompts: Sequence[PromptInput], outputs: dict[int, RequestOutput], n: int) -> Usage:
+    """Each prompt counts once; its cached tokens are the fewest any of its choices found."""
+    num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    num_completion_tokens = sum(len(o.token_ids) for o in outputs.values())
+    cached = 0
+    for i in range(len(prompts)):
+        found = [outputs[i * n + j].num_cached_tokens for j in range(n) if i * n + j in outputs]
+        cached += min(found, default=0)
+    return Usage(
+        prompt_tokens=num_prompt_tokens,
+        completion_tokens=num_completion_tokens,
+        total_tokens=num_prompt_tokens + num_completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+def finish_reason(output: RequestOutput) -> str:
+    return "length" if output.finish_reason == "length" else "stop"
+
+
+def clamp_logprob(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+async def run_to_completion(request: Request, streams: ChoiceStreams) -> dict[int, RequestOutput]:
+    """Every choice's final output; if the client disconnects first, abort them all."""
+
+    async def consume() -> None:
+        async for _ in streams:
+            pass
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer.done():
+            consumer.result()  # raises the engine's failure, if any
+            return streams.outputs
+        raise APIError(CLIENT_CLOSED_REQUEST, "the client closed the connection")
+    finally:
+        watcher.cancel()
+        consumer.cancel()
+        streams.close()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def event_stream(streams: ChoiceStreams, events: AsyncIterator[bytes]) -> StreamingResponse:
+    """Send ``events``, then ``data: [DONE]``. A failure after the response has started is
+    sent as an error event (OpenAI's shape); a client that goes away aborts every choice
+    (Starlette cancels this generator when the connection drops)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for data in events:
+                yield data
+        except (RequestFailedError, EngineDeadError) as error:
+            yield sse.event(engine_failure(error).body())
+        except Exception:
+            logger.exception("stream failed")
+            yield sse.event(internal_error().body())
+        finally:
+            streams.close()
+        yield sse.DONE
+
+    return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+
+def json_response(payload: Any) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json")
