@@ -1,4 +1,4 @@
-"""`kvserve` command line: generate, chat and bench."""
+"""`kvserve` command line: generate, chat, serve and bench."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from kvserve.cli.args import (
     sampling_params_from_args,
 )
 from kvserve.cli.bench import add_bench_parser, run_bench
+from kvserve.cli.serve import add_serve_parser, run_serve
 from kvserve.config import EngineConfig
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(chat, default_max_tokens=512)
     add_engine_args(chat)
+    add_serve_parser(commands)
     add_bench_parser(commands)
     return parser
 
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "bench":
         return run_bench(args, sys.argv[1:] if argv is None else argv)
+    if args.command == "serve":
+        try:
+            return run_serve(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"kvserve: error: {error}", file=sys.stderr)
+            return 2
     try:
         engine_config = engine_config_from_args(args)
         params = sampling_params_from_args(args)

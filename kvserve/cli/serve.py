@@ -1,0 +1,116 @@
+"""`kvserve serve`: the OpenAI-compatible HTTP server, under uvicorn.
+
+On SIGTERM (or Ctrl-C) the server stops accepting connections, refuses new requests, lets the
+ones in flight finish for ``--shutdown-timeout`` seconds, ends the rest with an error event,
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from kvserve.cli.args import add_engine_args, engine_config_from_args
+from kvserve.model.embedded import EMBEDDED_NAME
+
+logger = logging.getLogger("kvserve")
+
+# uvicorn's own limit, past ours: connections still open then are closed
+UVICORN_EXTRA_GRACE_S = 5
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve the model over HTTP with OpenAI's API: POST /v1/chat/completions, "
+        "POST /v1/completions, GET /v1/models, GET /v1/stats, GET /health, GET /metrics.",
+    )
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every /v1 route",
+    )
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="most requests waiting for a place in the batch; beyond it, 429 with Retry-After "
+        "(default: unbounded)",
+    )
+    group.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send and see (default: SmolLM2-135M-Instruct for the "
+        "embedded model, else --model as given)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM before they are aborted",
+    )
+    add_engine_args(serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the engine, then serve until SIGTERM or Ctrl-C; returns the exit code."""
+    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.engine.builder import build_engine
+    from kvserve.server.app import begin_drain, build_app
+    from kvserve.server.metrics import ServerMetrics
+
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    engine = build_engine(engine_config_from_args(args))
+    model_name = args.served_model_name or (args.model if args.model else EMBEDDED_NAME)
+    app = build_app(
+        AsyncEngine(engine, max_queue=args.max_queue),
+        engine.tokenizer,
+        model_name,
+        api_key=args.api_key,
+        metrics=ServerMetrics(model_name=model_name),
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,  # our logging setup (kvserve.cli.main) formats uvicorn's lines too
+        timeout_graceful_shutdown=int(args.shutdown_timeout) + UVICORN_EXTRA_GRACE_S,
+    )
+    server = _GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
+    logger.info("serving %s on http://%s:%d/v1", model_name, args.host, args.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn's Server, draining the engine on the first SIGTERM or SIGINT.
+
+    uvicorn records a signal it handled and re-raises it after its shutdown, so the process
+    would die by it (exit code -15); this server handles the signal itself, records nothing,
+    and the command returns 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], object]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            if sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting
+            return
+        logger.info("%s: draining requests, then shutting down", signal.Signals(sig).name)
+        self.should_exit = True
+        self.on_exit()
