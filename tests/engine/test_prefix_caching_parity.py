@@ -4,21 +4,26 @@ share blocks; aborted and rejected requests leave no blocks; the counters are ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from engine_stepping import (
+    GREEDY,
+    abort_all,
+    add,
+    assert_idle,
+    float32_block_bytes,
+    run_checked,
+    step_checked,
+    step_until,
+)
 
 from kvserve import LLM, SamplingParams
-from kvserve.core.request import Request
-from kvserve.model.gguf_loader import read_gguf_config
-from kvserve.outputs import RequestOutput
 
 BLOCK_SIZE = 16
 CHUNK_TOKENS = 24  # chunks of 24 tokens start every other chunk mid-block
-GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 FOUR = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-MAX_STEPS = 100  # several times what any test here needs
 
 BASE_TEXT = (
     "Once upon a time, in a small village by the sea, there lived an old fisherman who every "
@@ -35,11 +40,7 @@ SUFFIX_TEXTS = [
 
 @pytest.fixture(scope="module")
 def block_bytes(embedded_gguf: Path) -> int:
-    config = read_gguf_config(embedded_gguf)
-    # K and V, every layer, every KV head, float32.
-    return (
-        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4 * BLOCK_SIZE
-    )
+    return float32_block_bytes(embedded_gguf, BLOCK_SIZE)
 
 
 def make_llm(block_bytes: int, num_blocks: int, **options: object) -> LLM:
@@ -121,47 +122,7 @@ def abort_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     for name in ("plain", "cached", "chunked", "chunked_plain"):
         if name in request.fixturenames:
-            llm: LLM = request.getfixturevalue(name)
-            for request_id in list(llm.engine.scheduler.requests):
-                llm.engine.abort(request_id)
-
-
-def add(
-    llm: LLM, prompt: list[int], params: SamplingParams = GREEDY
-) -> tuple[Request, RequestOutput]:
-    request = llm.engine.new_request(prompt, params)
-    return request, llm.engine.add_request(request)
-
-
-def step_checked(llm: LLM) -> None:
-    llm.engine.step()
-    llm.engine.scheduler.kv.check_invariants()
-
-
-def step_until(llm: LLM, done: Callable[[], bool]) -> None:
-    """Step, checking the pool invariants each time, until ``done()``; never loop forever."""
-    for _ in range(MAX_STEPS):
-        if done():
-            return
-        step_checked(llm)
-    raise AssertionError(f"not done after {MAX_STEPS} steps: a request stopped progressing")
-
-
-def run_checked(
-    llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY
-) -> list[RequestOutput]:
-    """``generate`` with the pool invariants checked after every step and a step limit."""
-    outputs = [add(llm, prompt, params)[1] for prompt in prompts]
-    step_until(llm, lambda: not llm.engine.has_unfinished)
-    return outputs
-
-
-def assert_idle(llm: LLM) -> None:
-    """Nothing runs, every block is free (evictable cached blocks count) and consistent."""
-    stats = llm.get_stats()
-    assert stats["num_running"] == stats["num_waiting"] == 0
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
-    llm.engine.scheduler.kv.check_invariants()
+            abort_all(request.getfixturevalue(name))
 
 
 @pytest.mark.parametrize("engine", ["plain", "cached", "chunked", "chunked_plain"])
