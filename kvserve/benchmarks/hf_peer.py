@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kvserve.benchmarks.report import TokenRates
 from kvserve.benchmarks.workload import BenchRequest
 from kvserve.model.source import resolve_model_source
 
@@ -23,7 +24,7 @@ WARMUP_PROMPT_TOKENS = 64
 
 
 @dataclass
-class HFResult:
+class HFResult(TokenRates):
     """One timed run of a workload through transformers' ``generate``."""
 
     num_requests: int
@@ -36,18 +37,6 @@ class HFResult:
     elapsed_s: float
     dtype: str
     token_ids: list[list[int]] = field(default_factory=list, repr=False)  # in request order
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.num_requests / self.elapsed_s
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.output_tokens / self.elapsed_s
-
-    @property
-    def total_tokens_per_s(self) -> float:
-        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
 
     def describe(self) -> str:
         return (

@@ -13,6 +13,27 @@ import torch
 from kvserve.engine.llm import LLM
 
 
+class TokenRates:
+    """Rates of a timed run; the subclass (a dataclass) has the counts and ``elapsed_s``."""
+
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    elapsed_s: float
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The nearest-rank ``q``-th percentile (``q`` in (0, 100]): a value that was measured."""
     if not values:

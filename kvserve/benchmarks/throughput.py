@@ -14,7 +14,13 @@ from dataclasses import asdict, dataclass
 
 from kvserve.benchmarks.driver import check_fits, run_requests, warm_up
 from kvserve.benchmarks.hf_peer import HFResult
-from kvserve.benchmarks.report import machine_lines, markdown_table, ratio, target_line
+from kvserve.benchmarks.report import (
+    TokenRates,
+    machine_lines,
+    markdown_table,
+    ratio,
+    target_line,
+)
 from kvserve.benchmarks.workload import BenchRequest
 from kvserve.engine.llm import LLM
 
@@ -26,7 +32,7 @@ LOG_EVERY_S = 10.0
 
 
 @dataclass
-class ThroughputResult:
+class ThroughputResult(TokenRates):
     """One timed run of a workload through kvserve, with the KV pool it ran in."""
 
     num_requests: int
@@ -43,18 +49,6 @@ class ThroughputResult:
     num_preemptions: int
 
     @property
-    def requests_per_s(self) -> float:
-        return self.num_requests / self.elapsed_s
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.output_tokens / self.elapsed_s
-
-    @property
-    def total_tokens_per_s(self) -> float:
-        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
-
-    @property
     def reserved_capacity(self) -> int:
         """Requests the pool could hold if each reserved max_model_len tokens up front."""
         return self.kv_pool_tokens // self.max_model_len
@@ -64,8 +58,13 @@ class ThroughputResult:
         return self.peak_running / max(1, self.reserved_capacity)
 
     def to_dict(self) -> dict:
-        derived = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s",
-                   "reserved_capacity", "concurrency_gain")
+        derived = (
+            "requests_per_s",
+            "output_tokens_per_s",
+            "total_tokens_per_s",
+            "reserved_capacity",
+            "concurrency_gain",
+        )
         return {**asdict(self), **{name: getattr(self, name) for name in derived}}
 
 
@@ -90,8 +89,10 @@ def run_throughput(
         if log is not None and time.perf_counter() - peak["logged_at"] >= LOG_EVERY_S:
             peak["logged_at"] = time.perf_counter()
             done = int(stats["generation_tokens_total"]) - int(before["generation_tokens_total"])
-            log(f"kvserve: {done}/{expected_tokens} output tokens, "
-                f"{stats['num_running']} running, {stats['num_waiting']} waiting")
+            log(
+                f"kvserve: {done}/{expected_tokens} output tokens, "
+                f"{stats['num_running']} running, {stats['num_waiting']} waiting"
+            )
 
     start = time.perf_counter()
     outputs = run_requests(llm, [requests], on_step=sample)
@@ -181,10 +182,18 @@ def render_throughput_report(
 def _table(result: ThroughputResult, peer: HFResult | None) -> str:
     rows = [
         ("requests/s", result.requests_per_s, peer.requests_per_s if peer else None, 2),
-        ("output tokens/s", result.output_tokens_per_s,
-         peer.output_tokens_per_s if peer else None, 1),
-        ("total tokens/s (prompt + output)", result.total_tokens_per_s,
-         peer.total_tokens_per_s if peer else None, 1),
+        (
+            "output tokens/s",
+            result.output_tokens_per_s,
+            peer.output_tokens_per_s if peer else None,
+            1,
+        ),
+        (
+            "total tokens/s (prompt + output)",
+            result.total_tokens_per_s,
+            peer.total_tokens_per_s if peer else None,
+            1,
+        ),
         ("wall time (s, lower is better)", result.elapsed_s, peer.elapsed_s if peer else None, 2),
         ("output tokens", result.output_tokens, peer.output_tokens if peer else None, 0),
     ]

@@ -61,6 +61,20 @@ def assert_idle(llm: LLM) -> None:
     llm.engine.scheduler.kv.check_invariants()
 
 
+def alone_reference(llm: LLM) -> Callable[[list[int]], list[int]]:
+    """Greedy tokens of one prompt run alone in ``llm`` (memoized): the parity reference."""
+    memo: dict[tuple[int, ...], list[int]] = {}
+
+    def tokens(prompt: list[int]) -> list[int]:
+        if tuple(prompt) not in memo:
+            assert_idle(llm)  # alone in an empty pool, so generate cannot stall
+            [output] = llm.generate([prompt], GREEDY, use_tqdm=False)
+            memo[tuple(prompt)] = output.token_ids
+        return memo[tuple(prompt)]
+
+    return tokens
+
+
 def abort_all(llm: LLM) -> None:
     """Abort whatever a failed test left in ``llm``, so the next test starts idle."""
     for request_id in list(llm.engine.scheduler.requests):

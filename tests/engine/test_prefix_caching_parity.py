@@ -12,6 +12,7 @@ from engine_stepping import (
     GREEDY,
     abort_all,
     add,
+    alone_reference,
     assert_idle,
     float32_block_bytes,
     run_checked,
@@ -104,16 +105,7 @@ def prompts(base: list[int], suffixes: list[list[int]]) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def alone(plain: LLM):
     """Greedy tokens of one prompt run alone with prefix caching off (memoized)."""
-    memo: dict[tuple[int, ...], list[int]] = {}
-
-    def tokens(prompt: list[int]) -> list[int]:
-        if tuple(prompt) not in memo:
-            assert_idle(plain)  # alone in an empty pool, so generate cannot stall
-            [output] = plain.generate([prompt], GREEDY, use_tqdm=False)
-            memo[tuple(prompt)] = output.token_ids
-        return memo[tuple(prompt)]
-
-    return tokens
+    return alone_reference(plain)
 
 
 @pytest.fixture(autouse=True)
