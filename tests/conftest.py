@@ -1,10 +1,19 @@
-"""Shared fixtures: the embedded model's path and its Hugging Face tokenizer (loaded once)."""
+"""Shared fixtures: the embedded model's path and its Hugging Face tokenizer (loaded once),
+and the device the Triton kernel tests run on."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests import triton_interpreter
+
+# Without a GPU, the Triton kernels are checked under Triton's CPU interpreter, which Triton
+# consults when a kernel is defined: turn it on before any kernel module is imported.
+if not torch.cuda.is_available():
+    triton_interpreter.enable()
 
 from kvserve.model.embedded import embedded_model_path
 

@@ -1,0 +1,34 @@
+"""Where the kernel tests run: the GPU in bfloat16 when there is one, else Triton's CPU
+interpreter in float32 (bfloat16 is not supported there). Skipped without Triton."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kvserve.kernels.availability import HAS_TRITON, run_on_cpu
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    device: str
+    dtype: torch.dtype
+    rel_tol: float  # ||out - ref|| / ||ref|| allowed against a float32 reference
+
+
+@pytest.fixture
+def target() -> Iterator[KernelTarget]:
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        yield KernelTarget("cuda", torch.bfloat16, 1e-2)
+        return
+    with run_on_cpu():
+        yield KernelTarget("cpu", torch.float32, 1e-5)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()

@@ -1,0 +1,69 @@
+"""The fused element-wise kernels and the K/V store against their PyTorch definitions."""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.attention.backend import store_kv as torch_store_kv
+from kvserve.model.layers import RMSNorm, RotaryEmbedding
+from tests.kernels.conftest import KernelTarget, relative_error
+
+
+def rand(target: KernelTarget, *shape: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(target.dtype).to(target.device)
+
+
+def test_rms_norm_with_and_without_residual(target: KernelTarget) -> None:
+    from kvserve.kernels.fused_ops import rms_norm
+
+    hidden = 576  # SmolLM2: not a power of two
+    norm = RMSNorm(hidden, 1e-5).to(target.device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(hidden) + 0.5)
+    norm = norm.to(target.dtype)
+    x, residual = rand(target, 5, hidden, seed=1), rand(target, 5, hidden, seed=2)
+    out, none = rms_norm(x, norm.weight, 1e-5)
+    assert none is None
+    assert relative_error(out, norm(x)) < target.rel_tol
+    out, summed = rms_norm(x, norm.weight, 1e-5, residual=residual)
+    assert torch.equal(summed, x + residual)
+    assert relative_error(out, norm(x + residual)) < target.rel_tol
+
+
+def test_rotary_in_place_rotates_a_strided_view(target: KernelTarget) -> None:
+    """Rotates q and k heads inside the fused qkv tensor and leaves the v heads untouched."""
+    from kvserve.kernels.fused_ops import rotary_in_place
+
+    rotary = RotaryEmbedding(64, 512, 10000.0, None)
+    rotary.build_tables(torch.device(target.device))
+    qkv = rand(target, 7, 9 + 3 + 3, 64, seed=3)  # 9 q heads, 3 k heads, 3 v heads
+    positions = torch.tensor([0, 1, 2, 100, 101, 7, 511], device=target.device)
+    expected_qk = rotary(positions, qkv[:, :12])
+    v_before = qkv[:, 12:].clone()
+    rotary_in_place(qkv[:, :12], positions, rotary.cos, rotary.sin)
+    assert relative_error(qkv[:, :12], expected_qk) < target.rel_tol
+    assert torch.equal(qkv[:, 12:], v_before)
+
+
+def test_silu_and_mul(target: KernelTarget) -> None:
+    from kvserve.kernels.fused_ops import silu_and_mul
+
+    gate_up = rand(target, 6, 2 * 1536, seed=4)
+    gate, up = gate_up.split(1536, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    assert relative_error(silu_and_mul(gate_up), expected) < target.rel_tol
+
+
+def test_store_kv_writes_the_slots_and_skips_negative_ones(target: KernelTarget) -> None:
+    from kvserve.kernels.kv_store import store_kv
+
+    shape = (6, 16, 3, 64)
+    k_cache, v_cache = rand(target, *shape, seed=5), rand(target, *shape, seed=6)
+    key, value = rand(target, 4, 3, 64, seed=7), rand(target, 4, 3, 64, seed=8)
+    slots = torch.tensor([0, 17, 95, -1], device=target.device)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    torch_store_kv(expected_k, expected_v, key[:3], value[:3], slots[:3])
+    store_kv(k_cache, v_cache, key, value, slots)
+    assert torch.equal(k_cache, expected_k)
+    assert torch.equal(v_cache, expected_v)
