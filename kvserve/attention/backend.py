@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.kernels.availability import HAS_TRITON
 
 
 class AttentionBackend(ABC):
@@ -72,3 +73,6 @@ def available_backends() -> list[str]:
 def _import_builtin_backends() -> None:
     import kvserve.attention.torch_reference  # noqa: F401  (registers itself)
     import kvserve.attention.torch_sdpa  # noqa: F401
+
+    if HAS_TRITON:
+        import kvserve.attention.triton_backend  # noqa: F401

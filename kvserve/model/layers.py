@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.kernels.availability import triton_enabled
 from kvserve.model.config import RopeScaling
 
 
@@ -19,7 +20,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``, ``s = x + residual`` and ``(norm(s), s)``."""
+        if triton_enabled(x):
+            from kvserve.kernels.fused_ops import rms_norm
+
+            out, summed = rms_norm(
+                x.reshape(-1, x.shape[-1]), self.weight, self.eps, residual=residual
+            )
+            return out.view(x.shape) if summed is None else (out, summed)
+        if residual is not None:
+            summed = x + residual
+            return self._norm(summed), summed
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused kernel
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -64,8 +81,13 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """Rotate ``heads`` ([num_tokens, any_num_heads, head_dim]) by each token's position.
 
-        Callers pass q and k heads together (one pass instead of two).
+        Callers pass q and k heads together (one pass instead of two). On the Triton path the
+        rotation is written back into ``heads`` (a view into the fused qkv output).
         """
+        if triton_enabled(heads):
+            from kvserve.kernels.fused_ops import rotary_in_place
+
+            return rotary_in_place(heads, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
         sin = self.sin[positions].unsqueeze(1)
         x1, x2 = heads.float().chunk(2, dim=-1)
@@ -102,5 +124,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if triton_enabled(gate_up):
+            from kvserve.kernels.fused_ops import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from kvserve.attention.backend import available_backends, create_backend, store_kv
 from kvserve.attention.metadata import build_attention_metadata
+from kvserve.kernels.availability import HAS_TRITON, run_on_cpu
 
 BLOCK_SIZE = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -26,7 +28,16 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "sdpa"])
+def backend_context(backend_name: str) -> contextlib.AbstractContextManager:
+    """The Triton backend runs these CPU tensors under Triton's interpreter."""
+    if backend_name != "triton":
+        return contextlib.nullcontext()
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    return run_on_cpu()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "sdpa", "triton"])
 @pytest.mark.parametrize(
     ("query_lens", "seq_lens"),
     [
@@ -43,7 +54,8 @@ def test_paged_attention_matches_naive(
     backend_name: str, query_lens: list[int], seq_lens: list[int]
 ) -> None:
     torch.manual_seed(0)
-    backend = create_backend(backend_name)
+    with backend_context(backend_name):
+        backend = create_backend(backend_name)
     num_blocks = 32
     k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, DIM)
     v_cache = torch.zeros_like(k_cache)
@@ -82,7 +94,8 @@ def test_paged_attention_matches_naive(
         [v[s - q :] for (_, v), q, s in zip(contexts, query_lens, seq_lens, strict=True)]
     )
     query = torch.randn(sum(query_lens), HEADS, DIM)
-    out = backend.forward(query, new_k, new_v, k_cache, v_cache, metadata, DIM**-0.5)
+    with backend_context(backend_name):
+        out = backend.forward(query, new_k, new_v, k_cache, v_cache, metadata, DIM**-0.5)
 
     start = 0
     for (k, v), q_len in zip(contexts, query_lens, strict=True):

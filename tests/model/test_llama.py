@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import transformers
 
 from kvserve.attention.backend import create_backend
 from kvserve.attention.metadata import build_attention_metadata
+from kvserve.kernels.availability import HAS_TRITON, run_on_cpu
 from kvserve.model.hf_loader import load_hf_weights, read_hf_config
 from kvserve.model.llama import LlamaForCausalLM
 
@@ -60,11 +62,28 @@ def make_pair(tmp_path: Path, family: str) -> tuple[torch.nn.Module, LlamaForCau
     return hf, ours
 
 
+def kernel_path(name: str) -> contextlib.AbstractContextManager:
+    """``torch``: PyTorch ops and the reference attention. ``triton``: the GPU path's fused
+    kernels and Triton attention, run on these CPU tensors by Triton's interpreter."""
+    if name == "torch":
+        return contextlib.nullcontext()
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    return run_on_cpu()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_prefill_and_decode_logits_match_transformers(tmp_path: Path, family: str) -> None:
+def test_prefill_and_decode_logits_match_transformers(
+    tmp_path: Path, family: str, path: str
+) -> None:
     hf, ours = make_pair(tmp_path, family)
+    with kernel_path(path):
+        check_against_transformers(hf, ours, create_backend(path))
+
+
+def check_against_transformers(hf: torch.nn.Module, ours: LlamaForCausalLM, backend) -> None:
     config = ours.config
-    backend = create_backend("torch")
     block_size, num_blocks = 4, 16
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
     caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
