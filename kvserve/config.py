@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.kernels.availability import HAS_TRITON
 from kvserve.worker.kv_cache import parse_memory_size
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -20,22 +22,34 @@ class EngineConfig:
     model: str | None = None
     load_format: str = "auto"
     dtype: str = "auto"
-    device: str = "cpu"
-    kv_cache_memory: str | int = "1GiB"
+    device: str = "auto"  # cuda when a GPU is present, else cpu
+    kv_cache_memory: str | int | None = None  # cpu: 1GiB; cuda: from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9
     block_size: int = 16
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"  # triton on cuda, sdpa on cpu
     num_threads: int | None = None
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
+        if self.device == "auto":
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+        if self.attention_backend == "auto":
+            on_gpu = self.device.startswith("cuda") and HAS_TRITON
+            object.__setattr__(self, "attention_backend", "triton" if on_gpu else "sdpa")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r}; choose one of {LOAD_FORMATS}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose 'auto' or one of {sorted(DTYPES)}")
-        parse_memory_size(self.kv_cache_memory)
+        if self.kv_cache_memory is not None:
+            parse_memory_size(self.kv_cache_memory)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         for name in ("max_model_len", "max_num_batched_tokens", "num_threads"):
@@ -55,8 +69,15 @@ class EngineConfig:
         return cls(model=model, **options)
 
     @property
-    def kv_cache_bytes(self) -> int:
+    def kv_cache_bytes(self) -> int | None:
+        """The KV pool size asked for; ``None`` on a GPU means "size it from free memory"."""
+        if self.kv_cache_memory is None:
+            return None if self.on_gpu else DEFAULT_CPU_KV_CACHE_BYTES
         return parse_memory_size(self.kv_cache_memory)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
     def torch_dtype(self) -> torch.dtype:
         """``auto`` is bfloat16 where this CPU has fast bf16 matmul, else float32."""

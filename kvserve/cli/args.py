@@ -29,14 +29,30 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", *DTYPES],
-        help="weights and KV cache dtype; auto = bfloat16 where the CPU has fast "
+        help="weights and KV cache dtype; auto = bfloat16 on GPU and where the CPU has fast "
         "bf16 matmul (AMX/AVX512-BF16), else float32",
     )
-    group.add_argument("--device", default="cpu", help="torch device (cpu)")
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: cuda, cuda:N or cpu (default: cuda when a GPU is present)",
+    )
     group.add_argument(
         "--kv-cache-memory",
-        default="1GiB",
-        help="memory for the paged KV cache, e.g. 2GiB or 512MiB",
+        default=None,
+        help="memory for the paged KV cache, e.g. 2GiB or 512MiB (default: 1GiB on CPU; on GPU "
+        "what --gpu-memory-utilization leaves after weights and activations)",
+    )
+    group.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of the GPU's memory kvserve may use, KV cache included (default 0.9)",
+    )
+    group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="GPU: run decode steps eagerly instead of replaying captured CUDA graphs",
     )
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     group.add_argument(
@@ -54,8 +70,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--attention-backend",
-        default="sdpa",
-        help="attention implementation: sdpa (fast) or torch (the reference)",
+        default="auto",
+        help="attention implementation: triton (GPU), sdpa (CPU) or torch (the reference); "
+        "default: triton on GPU, sdpa on CPU",
     )
     group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     group.add_argument(

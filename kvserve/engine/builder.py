@@ -15,6 +15,8 @@ from kvserve.model.config import ModelConfig
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import load_model_files
 from kvserve.model.source import ModelSource
+from kvserve.worker.cuda_graphs import DecodeGraphs
+from kvserve.worker.gpu_memory import plan_kv_cache
 from kvserve.worker.kv_cache import PagedKVCache, allocate_kv_cache
 from kvserve.worker.model_runner import ModelRunner
 
@@ -26,7 +28,16 @@ def build_engine(config: EngineConfig) -> EngineCore:
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     dtype = config.torch_dtype()
-    loaded = load_model_files(config.model, config.load_format)
+    device = torch.device(config.device)
+    used_by_others = 0
+    if config.on_gpu:
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r} but torch sees no CUDA GPU; use cpu")
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
+        free, total = torch.cuda.mem_get_info(device)
+        used_by_others = total - free
+    loaded = load_model_files(config.model, config.load_format, device=device, dtype=dtype)
     model_config = loaded.config
     max_model_len = config.max_model_len or model_config.max_position_embeddings
     if max_model_len > model_config.max_position_embeddings:
@@ -34,11 +45,19 @@ def build_engine(config: EngineConfig) -> EngineCore:
             f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
             f"{model_config.max_position_embeddings}"
         )
-    model = LlamaForCausalLM.from_weights(model_config, loaded.weights, dtype, config.device)
+    model = LlamaForCausalLM.from_weights(model_config, loaded.weights, dtype, device)
     del loaded.weights
-    kv_cache = allocate_kv_cache(
-        model_config, config.kv_cache_bytes, config.block_size, dtype, config.device
-    )
+    backend = create_backend(config.attention_backend)
+    max_num_batched_tokens = config.max_num_batched_tokens or min(max_model_len, 8192)
+    kv_bytes = config.kv_cache_bytes
+    memory_plan = None
+    if kv_bytes is None:
+        memory_plan = plan_kv_cache(
+            model, backend, device, config.block_size, max_num_batched_tokens,
+            config.max_num_seqs, config.gpu_memory_utilization, used_by_others,
+        )
+        kv_bytes = memory_plan.kv_cache
+    kv_cache = allocate_kv_cache(model_config, kv_bytes, config.block_size, dtype, device)
     if kv_cache.num_tokens < max_model_len:
         logger.warning(
             "the KV cache holds %d tokens, fewer than max_model_len=%d: max_model_len lowered "
@@ -50,20 +69,30 @@ def build_engine(config: EngineConfig) -> EngineCore:
         max_model_len = kv_cache.num_tokens
     scheduler_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens or min(max_model_len, 8192),
+        max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
     )
     kv_manager = KVCacheManager(
         kv_cache.num_blocks, kv_cache.block_size, config.enable_prefix_caching
     )
+    _log_startup(config, loaded.source, model_config, dtype, kv_cache, scheduler_config)
+    if memory_plan is not None:
+        logger.info("%s", memory_plan.describe())
+    decode_graphs = None
+    if config.on_gpu and not config.enforce_eager:
+        decode_graphs = DecodeGraphs(
+            model, kv_cache.layers, backend, kv_cache.block_size, config.max_num_seqs,
+            max_model_len, device,
+        )
+        decode_graphs.capture()
     runner = ModelRunner(
         model,
         kv_cache,
-        create_backend(config.attention_backend),
+        backend,
         loaded.tokenizer.eos_token_ids,
-        config.device,
+        device,
+        decode_graphs,
     )
-    _log_startup(config, loaded.source, model_config, dtype, kv_cache, scheduler_config)
     return EngineCore(
         Scheduler(scheduler_config, kv_manager), runner, loaded.tokenizer, max_model_len
     )
@@ -77,15 +106,14 @@ def _log_startup(
     kv_cache: PagedKVCache,
     scheduler_config: SchedulerConfig,
 ) -> None:
-    why = (
-        "chosen"
-        if config.dtype != "auto"
-        else (
-            "auto: this CPU has fast bf16 matmul (AMX/AVX512-BF16)"
-            if dtype == torch.bfloat16
-            else "auto: no AMX/AVX512-BF16 reported, float32 is faster here"
-        )
-    )
+    if config.dtype != "auto":
+        why = "chosen"
+    elif config.on_gpu:
+        why = "auto: bfloat16 on GPU"
+    elif dtype == torch.bfloat16:
+        why = "auto: this CPU has fast bf16 matmul (AMX/AVX512-BF16)"
+    else:
+        why = "auto: no AMX/AVX512-BF16 reported, float32 is faster here"
     logger.info(
         "model %s (%s, %s, %d layers), dtype %s (%s), device %s, %d threads",
         source.path if source else config.model,
@@ -99,7 +127,7 @@ def _log_startup(
     )
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d, "
-        "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
+        "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s, attention %s%s",
         kv_cache.num_blocks,
         kv_cache.block_size,
         kv_cache.num_tokens,
@@ -108,4 +136,6 @@ def _log_startup(
         scheduler_config.max_num_seqs,
         scheduler_config.max_num_batched_tokens,
         "on" if config.enable_prefix_caching else "off",
+        config.attention_backend,
+        "" if not config.on_gpu else (", eager" if config.enforce_eager else ", CUDA graphs"),
     )

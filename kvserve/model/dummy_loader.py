@@ -40,16 +40,24 @@ def resolve_dummy_config(model: str | None) -> ModelConfig:
     )
 
 
-def dummy_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Float32 weights of the expected names and shapes: normal(0, 0.02) for matrices,
-    1.0 for norm weights, 0.0 for biases. The same seed gives the same weights."""
-    generator = torch.Generator().manual_seed(seed)
+def dummy_weights(
+    config: ModelConfig,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Weights of the expected names and shapes: normal(0, 0.02) for matrices, 1.0 for norm
+    weights, 0.0 for biases. The same seed on the same device gives the same weights. On a GPU
+    they are drawn there, in ``dtype``, so an 8B model never exists in float32 on the host."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
     for name, shape in expected_weight_shapes(config).items():
         if name.endswith("norm.weight"):  # input_layernorm, q_norm, model.norm, ...
-            weights[name] = torch.ones(shape)
+            weights[name] = torch.ones(shape, device=device, dtype=dtype)
         elif name.endswith(".bias"):
-            weights[name] = torch.zeros(shape)
+            weights[name] = torch.zeros(shape, device=device, dtype=dtype)
         else:
-            weights[name] = torch.randn(shape, generator=generator).mul_(INIT_STD)
+            weights[name] = torch.randn(
+                shape, generator=generator, device=device, dtype=dtype
+            ).mul_(INIT_STD)
     return weights

@@ -145,9 +145,9 @@ class LlamaForCausalLM(nn.Module):
         """Build without random initialisation, load checked weights, cast to ``dtype``."""
         with torch.device("meta"):
             model = cls(config)
+        model.to(dtype)  # on meta: parameters are then allocated in dtype, never in float32
         model.to_empty(device=device)
-        model.load_hf_weights(weights)
-        model.to(dtype)
+        model.load_hf_weights(weights)  # copy_ casts
         model.rotary.build_tables(torch.device(device))  # rotary tables stay float32
         return model.eval()
 

@@ -37,19 +37,25 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load_model_files(model: str | None, load_format: str = "auto") -> LoadedModel:
+def load_model_files(
+    model: str | None,
+    load_format: str = "auto",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
     """Load ``model`` (``None``: the embedded SmolLM2 GGUF) in ``load_format``.
 
     ``"auto"`` picks GGUF or safetensors from what ``model`` points at; ``"gguf"`` and
     ``"safetensors"`` insist on that kind; ``"dummy"`` builds random weights for a bundled config
-    name, a config.json or an HF directory (see ``load_dummy_model``).
+    name, a config.json or an HF directory (see ``load_dummy_model``), drawn on ``device`` in
+    ``dtype``; weights read from files stay on the CPU and the model casts them as it loads.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(
             f"--load-format {load_format!r} is not supported; use one of {', '.join(LOAD_FORMATS)}"
         )
     if load_format == "dummy":
-        return load_dummy_model(model)
+        return load_dummy_model(model, device=device, dtype=dtype)
     source = resolve_model_source(model)
     wanted = _KIND_OF_FORMAT.get(load_format, source.kind)
     if source.kind != wanted:
@@ -78,7 +84,12 @@ def load_model_files(model: str | None, load_format: str = "auto") -> LoadedMode
     return LoadedModel(source, config, weights, tokenizer)
 
 
-def load_dummy_model(model: str | None, seed: int = 0) -> LoadedModel:
+def load_dummy_model(
+    model: str | None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
     """Random weights for ``resolve_dummy_config(model)``, with the embedded SmolLM2 tokenizer.
 
     The tokenizer only turns text prompts into ids (< 49152). For a config with a larger
@@ -86,7 +97,7 @@ def load_dummy_model(model: str | None, seed: int = 0) -> LoadedModel:
     text prompts may produce ids the model does not have, so use token-id prompts.
     """
     config = resolve_dummy_config(model)
-    weights = dummy_weights(config, seed=seed)
+    weights = dummy_weights(config, seed=seed, device=device, dtype=dtype)
     check_weights(weights, config, f"dummy weights for {model or 'the default config'}")
     tokenizer = load_tokenizer(resolve_model_source(None))
     if config.vocab_size < tokenizer.vocab_size:

@@ -11,6 +11,7 @@ from kvserve.attention.metadata import build_attention_metadata
 from kvserve.core.scheduler import ScheduledRequest, SchedulerOutput
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.sampling_params import SamplingParams
+from kvserve.worker.cuda_graphs import DecodeGraphs
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
 
@@ -40,12 +41,14 @@ class ModelRunner:
         backend: AttentionBackend,
         eos_token_ids: frozenset[int],
         device: torch.device | str = "cpu",
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.eos_token_ids = eos_token_ids
         self.device = torch.device(device)
+        self.decode_graphs = decode_graphs
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
@@ -61,8 +64,10 @@ class ModelRunner:
         sampling = [s for s in step.scheduled if s.sample]
         if not sampling:
             return ModelRunnerOutput()
-        ends = torch.tensor(_query_ends(step.scheduled, sampling), device=self.device)
-        logits = self.model.compute_logits(hidden[ends])  # [num_sampling, vocab]
+        ends = _query_ends(step.scheduled, sampling)
+        if ends != list(range(len(hidden))):  # not every row samples: keep the ones that do
+            hidden = hidden[torch.tensor(ends, device=self.device)]
+        logits = self.model.compute_logits(hidden)  # [num_sampling, vocab]
         out = ModelRunnerOutput()
         for row, item in enumerate(sampling):
             if item.request_id in capture_logits:
@@ -73,6 +78,17 @@ class ModelRunner:
         return out
 
     def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        graphs = self.decode_graphs
+        if (
+            graphs is not None
+            and len(scheduled) <= graphs.max_batch
+            and all(len(s.token_ids) == 1 for s in scheduled)
+        ):
+            return graphs.run(
+                [s.token_ids[0] for s in scheduled],
+                [s.start_position for s in scheduled],
+                [s.block_ids for s in scheduled],
+            )
         input_ids: list[int] = []
         positions: list[int] = []
         for item in scheduled:
