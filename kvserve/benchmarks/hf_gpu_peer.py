@@ -4,17 +4,18 @@
 Face naming) into a transformers causal LM with SDPA attention, so both engines run the same
 model. Two measurements follow:
 
-- ``hf_static_cache_decode``: batch-1 greedy ``generate`` with a static KV cache (no
-  ``torch.compile``). Decode tokens/s excludes prefill: it is ``(N - 1) / (t_N - t_1)`` from the
-  median times of generating N tokens and 1 token.
+- ``hf_static_cache_decode``: batch-1 greedy ``generate`` with a static KV cache, without
+  ``torch.compile`` (which ``generate`` would otherwise apply on a GPU). Decode tokens/s excludes
+  prefill: ``(N - 1) / (t_N - t_1)`` from the median times of generating N tokens and 1 token.
 - ``hf_generate_batch``: transformers' continuous batching (the paged-cache manager that
   ``generate_batch`` wraps). ``generate_batch`` takes one ``max_new_tokens`` for all prompts, so
   the requests are submitted to the same manager one by one with their own ``max_new_tokens``
   and EOS disabled: every request generates exactly its own output length, in one run.
 
-Works with transformers 5.17 through 5.23: continuous-batching options the installed version
-lacks are dropped (or refused, when asked for explicitly), ``page_size`` falls back to the
-older ``block_size``, and the attention implementation the manager switched to is restored.
+Runs on transformers 5.17 (the GPU machine) and 5.23: 5.17 runs continuous batching on
+``paged|sdpa``, 5.23 on ``sdpa`` itself and may switch to flash attention (turned off here);
+options a version lacks are dropped, or refused when asked for; ``page_size`` falls back to the
+older ``block_size``; the attention implementation the manager switched to is restored.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def build_engine(config: EngineConfig) -> EngineCore:
     if config.on_gpu:
         if not torch.cuda.is_available():
             raise ValueError(f"device={config.device!r} but torch sees no CUDA GPU; use cpu")
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         device = torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(device)
         used_by_others = total - free

@@ -47,6 +47,7 @@ CASES = {
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": False},
     "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True},
 }
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 PROMPTS = [[5, 17, 200, 3, 99, 41, 7, 250, 12], [1, 2, 3], [60, 61, 62, 63, 64, 65]]
 OUTPUT_LENS = [6, 9, 1]
 CPU_LIMITS = HFBatchLimits(num_blocks=32, page_size=16, max_batch_tokens=64)
@@ -101,9 +102,7 @@ def test_hf_model_gives_kvserve_greedy_tokens_on_the_same_weights(
     assert llm.engine.runner.model.config == config
     # kvserve's dummy loader uses dummy_weights(config, seed=0): the same tensors.
     model = hf_model_from_config(config, dummy_weights(config), torch.float32, "cpu")
-    assert type(model).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
-        case, "LlamaForCausalLM"
-    )
+    assert type(model).__name__ == HF_CLASSES[CASES[case]["model_type"]]
     assert model.dtype == torch.float32 and not model.training
     assert model.config._attn_implementation == "sdpa"
     if config.tie_word_embeddings:
