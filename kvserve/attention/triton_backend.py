@@ -14,7 +14,12 @@ from kvserve.attention.backend import AttentionBackend, register_backend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kernels.availability import interpreter_on
 from kvserve.kernels.kv_store import store_kv
-from kvserve.kernels.paged_attention import decode_splits, paged_decode, paged_prefill
+from kvserve.kernels.paged_attention import (
+    decode_splits,
+    paged_decode,
+    paged_prefill,
+    prefill_tile_tensors,
+)
 
 CPU_INTERPRETER_SMS = 4  # what decode_splits assumes when the kernels run on the interpreter
 
@@ -30,6 +35,8 @@ class TritonBackend(AttentionBackend):
             if torch.cuda.is_available()
             else CPU_INTERPRETER_SMS
         )
+        # The prefill tiles of the step in flight, keyed by its metadata object.
+        self._tiles: tuple[AttentionMetadata, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(
         self,
@@ -49,6 +56,8 @@ class TritonBackend(AttentionBackend):
             return paged_decode(
                 query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale, splits
             )
+        if self._tiles is None or self._tiles[0] is not metadata:  # once per step, not layer
+            self._tiles = (metadata, prefill_tile_tensors(metadata.query_lens_list, query.device))
         return paged_prefill(
             query,
             k_cache,
@@ -58,6 +67,7 @@ class TritonBackend(AttentionBackend):
             metadata.query_start_loc,
             metadata.query_lens_list,
             scale,
+            tiles=self._tiles[1],
         )
 
 

@@ -140,11 +140,13 @@ class HFDecodeTiming:
     decode_tokens_per_s: float  # (N - 1) / (t_N - t_1); nan when t_N <= t_1 (too noisy)
     dtype: str
     attn_implementation: str
+    compiled: bool = False  # transformers' torch.compile of the decode step left on
 
     def describe(self) -> str:
         return (
             f"transformers generate, static cache, {self.attn_implementation}, {self.dtype}, "
-            f"batch 1, greedy, no torch.compile; context {self.context_len} tokens; median of "
+            f"batch 1, greedy, {'' if self.compiled else 'no '}torch.compile; "
+            f"context {self.context_len} tokens; median of "
             f"{self.repeats} after a warm-up: 1 token {self.one_token_s:.4f} s, "
             f"{self.new_tokens} tokens {self.all_tokens_s:.4f} s; decode = "
             f"{self.new_tokens - 1} tokens / (t_{self.new_tokens} - t_1) = "
@@ -153,10 +155,16 @@ class HFDecodeTiming:
 
 
 def hf_static_cache_decode(
-    model: torch.nn.Module, prompt_ids: list[int], new_tokens: int, repeats: int = 3
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    new_tokens: int,
+    repeats: int = 3,
+    compile: bool = False,
 ) -> HFDecodeTiming:
     """Time greedy static-cache ``generate`` of ``new_tokens`` and of 1 token (EOS ignored:
-    ``min_new_tokens == max_new_tokens``), each the median of ``repeats`` after one warm-up."""
+    ``min_new_tokens == max_new_tokens``), each the median of ``repeats`` after one warm-up.
+    ``compile=True`` keeps transformers' default on a GPU: it compiles the static-cache decode
+    step with torch.compile (the warm-up pays for the compilation)."""
     if new_tokens < 2:
         raise ValueError(
             f"new_tokens must be >= 2 to separate decode from prefill, got {new_tokens}"
@@ -167,12 +175,15 @@ def hf_static_cache_decode(
         raise ValueError("prompt_ids is empty; give at least one prompt token")
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)  # [1, context]
     with torch.inference_mode():
-        _timed_generate(model, input_ids, new_tokens)  # warm-up; sizes the static cache first
-        _timed_generate(model, input_ids, 1)
+        # Warm-up: sizes the static cache (and compiles, with compile=True).
+        _timed_generate(model, input_ids, new_tokens, compile)
+        _timed_generate(model, input_ids, 1, compile)
         all_s = statistics.median(
-            _timed_generate(model, input_ids, new_tokens) for _ in range(repeats)
+            _timed_generate(model, input_ids, new_tokens, compile) for _ in range(repeats)
         )
-        one_s = statistics.median(_timed_generate(model, input_ids, 1) for _ in range(repeats))
+        one_s = statistics.median(
+            _timed_generate(model, input_ids, 1, compile) for _ in range(repeats)
+        )
     decode_s = all_s - one_s
     return HFDecodeTiming(
         context_len=len(prompt_ids),
@@ -183,10 +194,13 @@ def hf_static_cache_decode(
         decode_tokens_per_s=(new_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
         dtype=str(model.dtype).removeprefix("torch."),
         attn_implementation=model.config._attn_implementation,
+        compiled=compile,
     )
 
 
-def _timed_generate(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int) -> float:
+def _timed_generate(
+    model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, compile: bool = False
+) -> float:
     """Seconds for one greedy static-cache ``generate`` of exactly ``new_tokens`` tokens."""
     _synchronize(model.device)
     start = time.perf_counter()
@@ -195,7 +209,7 @@ def _timed_generate(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens:
         attention_mask=torch.ones_like(input_ids),
         do_sample=False,
         cache_implementation="static",
-        disable_compile=True,  # generate would torch.compile a static-cache decode on a GPU
+        disable_compile=not compile,  # generate torch.compiles a static-cache decode on a GPU
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
     )  # [1, context + new_tokens]

@@ -119,6 +119,17 @@ def prefill_tiles(query_lens: list[int], block_m: int = PREFILL_BLOCK_M) -> tupl
     return requests, first_queries
 
 
+def prefill_tile_tensors(
+    query_lens: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prefill_tiles`` as int32 tensors on ``device``, copied in one transfer."""
+    requests, first_queries = prefill_tiles(query_lens)
+    both = torch.tensor([requests, first_queries], dtype=torch.int32)
+    if device.type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    return both[0], both[1]
+
+
 def paged_prefill(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,
@@ -129,17 +140,20 @@ def paged_prefill(
     query_lens: list[int],
     scale: float,
     out: torch.Tensor | None = None,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Causal attention of every request's queries over its cached context (including them)."""
+    """Causal attention of every request's queries over its cached context (including them).
+
+    ``tiles`` are ``prefill_tile_tensors(query_lens, device)``, built once per step and shared by
+    every layer (building them is a host-to-device copy); built here when not given.
+    """
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(query) if out is None else out
-    requests, first_queries = prefill_tiles(query_lens)
-    if not requests:
+    tile_request, tile_first = tiles or prefill_tile_tensors(query_lens, query.device)
+    if tile_request.numel() == 0:
         return out
-    tile_request = torch.tensor(requests, dtype=torch.int32).to(query.device, non_blocking=True)
-    tile_first = torch.tensor(first_queries, dtype=torch.int32).to(query.device, non_blocking=True)
-    _prefill_kernel[(len(requests), num_heads)](
+    _prefill_kernel[(tile_request.numel(), num_heads)](
         query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         tile_request, tile_first, scale * LOG2_E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
