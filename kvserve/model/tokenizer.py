@@ -50,6 +50,7 @@ class Tokenizer:
     def __init__(self, hf: Any, eos_token_ids: Iterable[int]) -> None:
         self.hf = hf
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
+        self._rust_decode = _equivalent_rust_decode(hf)
 
     @property
     def vocab_size(self) -> int:
@@ -66,7 +67,14 @@ class Tokenizer:
         return list(self.hf.encode(text))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` (ids beyond the tokenizer's vocabulary are skipped)."""
+        """Text of ``ids`` (ids beyond the tokenizer's vocabulary are skipped).
+
+        The detokenizer calls this twice per generated token of every request, so where the Rust
+        tokenizer's own decode gives the same text (checked at load), it is called directly,
+        without transformers' per-call Python.
+        """
+        if self._rust_decode is not None:
+            return self._rust_decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
@@ -167,3 +175,21 @@ def _generation_config_eos(directory: Path) -> set[int]:
     if value is None:
         return set()
     return {int(v) for v in value} if isinstance(value, list) else {int(value)}
+
+
+_DECODE_PROBE = "Hello , world ! It 's a test . Don 't stop ; ok ? Yes : \u00e9t\u00e9 \U0001f600"
+
+
+def _equivalent_rust_decode(hf: Any) -> Any:
+    """The fast tokenizer's Rust ``decode`` if it returns exactly what ``hf.decode`` does on a
+    probe that transformers' clean-up of spaces before punctuation would change, else None."""
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    ids = list(hf.encode(_DECODE_PROBE, add_special_tokens=False))
+    for skip in (True, False):
+        if backend.decode(ids, skip_special_tokens=skip) != hf.decode(
+            ids, skip_special_tokens=skip
+        ):
+            return None
+    return backend.decode

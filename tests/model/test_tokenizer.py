@@ -39,6 +39,21 @@ def test_same_as_auto_tokenizer(tokenizer: Tokenizer, hf_tokenizer) -> None:
         assert tokenizer.encode(text) == hf_tokenizer.encode(text), text
 
 
+def test_direct_rust_decode_equals_transformers_decode(tokenizer: Tokenizer) -> None:
+    """The detokenizer's fast path (the Rust decode) is taken for SmolLM2 and gives exactly
+    transformers' text, special tokens and partial UTF-8 sequences included."""
+    import random
+
+    assert tokenizer._rust_decode is not None
+    rng = random.Random(0)
+    special = sorted(tokenizer.hf.all_special_ids)
+    for _ in range(200):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 12))]
+        ids.insert(rng.randrange(len(ids) + 1), rng.choice(special))
+        for skip in (True, False):
+            assert tokenizer.decode(ids, skip) == tokenizer.hf.decode(ids, skip_special_tokens=skip)
+
+
 def test_round_trip(tokenizer: Tokenizer) -> None:
     for text in TEXTS:
         assert tokenizer.decode(tokenizer.encode(text)) == text
