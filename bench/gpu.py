@@ -6,7 +6,8 @@ card's measured limits and Hugging Face transformers on the same shapes (issue 5
 Sections, in order (each one's failure is reported and the run goes on):
 - ``ceilings``: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate
   of an 8192^3 product on random data.
-- ``parity``: the kernel tests (``tests/kernels``) on the GPU in bfloat16, and greedy tokens of
+- ``parity``: the kernel tests (``tests/kernels``) on the GPU in bfloat16, the CUDA-graph test
+  (replayed decode equals the eager forward), and greedy tokens of
   the embedded SmolLM2-135M-Instruct on the GPU (bf16, Triton, CUDA graphs) against the CPU in
   float32; where they part, the CPU's top-2 logit margin at that step says if it was a near-tie.
 - ``smollm2``: batch-1 decode tokens/s, 512-token context, 256 new tokens, vs transformers'
@@ -108,12 +109,13 @@ def section_ceilings(args: argparse.Namespace) -> Ceilings:
 
 
 def section_parity(args: argparse.Namespace) -> None:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels",
+               "tests/worker/test_cuda_graphs.py", "tests/test_config.py"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
     (args.out / "kernel_tests.log").write_text(done.stdout + done.stderr)
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
     results["kernel_tests"] = {"returncode": done.returncode, "summary": summary}
-    row("kernel parity tests (GPU, bf16)", summary, target="all pass")
+    row("GPU tests: kernels (bf16), CUDA graphs vs eager", summary, target="all pass")
     try:
         gpu = LLM(device="cuda", dtype="bfloat16", kv_cache_memory="2GiB", max_num_seqs=8)
     except FileNotFoundError as error:

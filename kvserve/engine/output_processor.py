@@ -42,7 +42,7 @@ class OutputProcessor:
         )
         self._outputs[request.request_id] = output
         self._detokenizers[request.request_id] = IncrementalDetokenizer(
-            self.tokenizer.hf, request.prompt_token_ids, stop=request.sampling_params.stop
+            self.tokenizer, request.prompt_token_ids, stop=request.sampling_params.stop
         )
         return output
 
