@@ -49,6 +49,7 @@ def build_engine(config: EngineConfig) -> EngineCore:
     model = LlamaForCausalLM.from_weights(model_config, loaded.weights, dtype, device)
     del loaded.weights
     backend = create_backend(config.attention_backend)
+    # The largest step before the pool is known: what the activation profile must cover.
     max_num_batched_tokens = config.max_num_batched_tokens or min(max_model_len, 8192)
     kv_bytes = config.kv_cache_bytes
     memory_plan = None
@@ -70,7 +71,8 @@ def build_engine(config: EngineConfig) -> EngineCore:
         max_model_len = kv_cache.num_tokens
     scheduler_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+        # After max_model_len is clamped to the pool: a step never exceeds what the pool holds.
+        max_num_batched_tokens=config.max_num_batched_tokens or min(max_model_len, 8192),
         max_model_len=max_model_len,
     )
     kv_manager = KVCacheManager(
