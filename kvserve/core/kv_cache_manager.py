@@ -86,6 +86,12 @@ class KVCacheManager:
         """Make room for ``num_new_tokens`` after the computed ones (and after ``prefix``, the
         cached blocks a waiting request starts with); False, changing nothing, if short."""
         table = self._tables.get(request.request_id, [])
+        if prefix is None:  # a running request: usually its last block still has room
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if self.blocks_for_tokens(num_tokens) <= len(table):
+                if self.enable_prefix_caching:
+                    self._register_full_blocks(request, table, num_tokens)
+                return True
         hit_blocks = prefix.block_ids if prefix else []
         if hit_blocks and table:
             raise RuntimeError(f"request {request.request_id!r} already has blocks")
