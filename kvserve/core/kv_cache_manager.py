@@ -81,15 +81,23 @@ class KVCacheManager:
             self.prefix_cache_hits += hit.num_tokens
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, prefix: PrefixHit | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        prefix: PrefixHit | None = None,
+        register: bool = True,
     ) -> bool:
         """Make room for ``num_new_tokens`` after the computed ones (and after ``prefix``, the
-        cached blocks a waiting request starts with); False, changing nothing, if short."""
+        cached blocks a waiting request starts with); False, changing nothing, if short.
+
+        ``register=False`` keeps the new full blocks out of the prefix cache: for blocks that
+        something other than this engine's next step fills (a KV transfer), registered later
+        with ``register_computed_blocks``."""
         table = self._tables.get(request.request_id, [])
         if prefix is None:  # a running request: usually its last block still has room
             num_tokens = request.num_computed_tokens + num_new_tokens
             if self.blocks_for_tokens(num_tokens) <= len(table):
-                if self.enable_prefix_caching:
+                if self.enable_prefix_caching and register:
                     self._register_full_blocks(request, table, num_tokens)
                 return True
         hit_blocks = prefix.block_ids if prefix else []
@@ -106,9 +114,15 @@ class KVCacheManager:
         table = self._tables.setdefault(request.request_id, [])
         table.extend(hit_blocks)
         table.extend(self.pool.allocate(needed))
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and register:
             self._register_full_blocks(request, table, num_tokens)
         return True
+
+    def register_computed_blocks(self, request: Request) -> None:
+        """Offer the request's full, computed blocks to the prefix cache."""
+        if self.enable_prefix_caching:
+            table = self._tables.get(request.request_id, [])
+            self._register_full_blocks(request, table, request.num_computed_tokens)
 
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])

@@ -7,6 +7,8 @@ layer-wise paged KV cache and the attention metadata as explicit arguments: no g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -121,11 +123,16 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: KVCaches,
         metadata: AttentionMetadata,
         backend: AttentionBackend,
+        layer_hook: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        """``layer_hook(i)`` runs right after layer ``i`` (its K/V stored): a KV transfer sends
+        layer ``i`` while layer ``i + 1`` is computed."""
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             hidden, residual = layer(hidden, residual, positions, kv_cache, metadata, backend)
+            if layer_hook is not None:
+                layer_hook(index)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

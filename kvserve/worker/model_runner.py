@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +14,9 @@ from kvserve.core.scheduler import ScheduledRequest, SchedulerOutput
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.sampling_params import SamplingParams
 from kvserve.worker.cuda_graphs import DecodeGraphs
+
+if TYPE_CHECKING:
+    from kvserve.disagg.connector import KVSaver
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
 
@@ -49,6 +54,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = torch.device(device)
         self.decode_graphs = decode_graphs
+        self.kv_saver: KVSaver | None = None  # a prefill engine's KV transfer (kvserve.disagg)
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
@@ -78,6 +84,12 @@ class ModelRunner:
         return out
 
     def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        saver = self.kv_saver
+        if saver is not None and saver.begin_step(scheduled):
+            try:
+                return self._forward_eager(scheduled, layer_hook=saver.save_layer)
+            finally:
+                saver.end_step()
         graphs = self.decode_graphs
         if (
             graphs is not None
@@ -89,6 +101,13 @@ class ModelRunner:
                 [s.start_position for s in scheduled],
                 [s.block_ids for s in scheduled],
             )
+        return self._forward_eager(scheduled)
+
+    def _forward_eager(
+        self,
+        scheduled: list[ScheduledRequest],
+        layer_hook: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         input_ids: list[int] = []
         positions: list[int] = []
         for item in scheduled:
@@ -107,6 +126,7 @@ class ModelRunner:
             self.kv_cache.layers,
             metadata,
             self.backend,
+            layer_hook,
         )
 
     def sample(
