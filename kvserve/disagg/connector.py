@@ -28,6 +28,7 @@ from kvserve.core.scheduler import ScheduledRequest
 from kvserve.disagg.transfer import KVChunk, TransferPlan
 from kvserve.disagg.transport import KVTransport
 from kvserve.engine.engine_core import EngineCore
+from kvserve.engine.output_processor import StreamDelta
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.worker.kv_cache import PagedKVCache
@@ -177,8 +178,11 @@ class KVLoader:
             reservation = self._reservations[transfer_id]
             return all(n == reservation.plan.num_tokens for n in reservation.received)
 
-    def admit(self, transfer_id: str, first_token: SampledToken) -> RequestOutput:
-        """Continue a fully received request from its first token; returns its output."""
+    def admit(
+        self, transfer_id: str, first_token: SampledToken
+    ) -> tuple[RequestOutput, StreamDelta]:
+        """Continue a fully received request from its first token: its output, and the delta
+        of that first token (what a stream of the request starts with)."""
         if not self.is_complete(transfer_id):
             raise RuntimeError(f"transfer {transfer_id!r} has not received every layer yet")
         with self._lock:
@@ -193,8 +197,15 @@ class KVLoader:
             engine.scheduler.kv.free(request)
         else:
             engine.scheduler.add_request(request)
-        engine.emit_token(request, first_token)
-        return output
+        return output, engine.emit_token(request, first_token)
+
+    def admit_for_stream(
+        self, transfer_id: str, first_token: SampledToken
+    ) -> tuple[str, StreamDelta]:
+        """``admit``, returning what ``AsyncEngine.follow`` needs: the request id and the first
+        delta. Run it on the engine's loop thread."""
+        _, delta = self.admit(transfer_id, first_token)
+        return delta.request_id, delta
 
     def cancel(self, transfer_id: str) -> None:
         """Give a reservation's blocks back (the prefill side failed or timed out)."""

@@ -42,7 +42,8 @@ class DisaggregatedPair:
             except BaseException:
                 self.loader.cancel(plan.transfer_id)
                 raise
-            outputs.append(self.loader.admit(plan.transfer_id, first))
+            output, _ = self.loader.admit(plan.transfer_id, first)
+            outputs.append(output)
         engine = self.decode.engine
         while engine.has_unfinished:
             engine.step()

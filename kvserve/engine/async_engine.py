@@ -9,14 +9,16 @@ mid-step and an abort frees the request's blocks at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kvserve.engine.engine_core import EngineCore, StepFailed
 from kvserve.engine.output_processor import StreamDelta
@@ -53,6 +55,17 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the loop thread between steps; its result or error goes to
+    ``future``. With ``stream``, the result must be a ``(request_id, first_delta)`` pair for a
+    request ``fn`` put into the engine (a KV transfer's admission): the stream follows it."""
+
+    fn: Callable[[EngineCore], Any]
+    future: concurrent.futures.Future
+    stream: _Stream | None = None
+
+
 class _Stream:
     """One request's deltas, handed from the loop thread to the event loop that asked."""
 
@@ -72,7 +85,7 @@ class AsyncEngine:
     def __init__(self, engine: EngineCore, max_queue: int | None = None) -> None:
         self.engine = engine
         self.max_queue = max_queue
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the loop thread
         self._pending_adds = 0  # adds sent but not yet applied (guarded by _lock)
         self._lock = threading.Lock()
@@ -171,6 +184,35 @@ class AsyncEngine:
         """Stop a request at the next step boundary and free its blocks (thread-safe)."""
         self._commands.put(_Abort(request_id))
 
+    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
+        """``fn(engine)`` run on the loop thread between steps (the only thread that may touch
+        the engine); e.g. reserving blocks for a KV transfer."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def follow(
+        self, admit: Callable[[EngineCore], tuple[str, StreamDelta]]
+    ) -> AsyncIterator[StreamDelta]:
+        """Run ``admit(engine)`` on the loop thread, which puts a request into the engine and
+        returns its id and first delta (a decode engine admitting a transferred request), then
+        yield that delta and the request's next ones as ``generate`` does."""
+        stream = _Stream(asyncio.get_running_loop())
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Call(admit, future, stream))
+        request_id = await asyncio.wrap_future(future)
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not self._stop.is_set():
+                self.abort(request_id)
+
     # -- the loop thread -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -201,8 +243,11 @@ class AsyncEngine:
                 return
             self._apply(command)
 
-    def _apply(self, command: _Add | _Abort | None) -> None:
+    def _apply(self, command: _Add | _Abort | _Call | None) -> None:
         if command is None:  # shutdown wake-up
+            return
+        if isinstance(command, _Call):
+            self._apply_call(command)
             return
         if isinstance(command, _Abort):
             if command.request_id in self._streams:
@@ -221,6 +266,22 @@ class AsyncEngine:
             command.stream.put(error)
             return
         self._streams[command.request_id] = command.stream
+        self._publish_stats()
+
+    def _apply_call(self, command: _Call) -> None:
+        try:
+            result = command.fn(self.engine)
+        except BaseException as error:  # noqa: BLE001 (the caller gets it)
+            command.future.set_exception(error)
+            return
+        if command.stream is None:
+            command.future.set_result(result)
+        else:
+            request_id, first = result
+            command.stream.put(first)
+            if not first.finished:
+                self._streams[request_id] = command.stream
+            command.future.set_result(request_id)
         self._publish_stats()
 
     def _step(self) -> None:
@@ -264,5 +325,7 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
                 if isinstance(command, _Add):
                     command.stream.put(EngineDeadError("the server is shutting down"))
+                elif isinstance(command, _Call):
+                    command.future.set_exception(EngineDeadError("the server is shutting down"))
         except queue.Empty:
             pass

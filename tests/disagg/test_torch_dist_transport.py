@@ -52,8 +52,10 @@ def chunks_worker(rank: int, port: int, results) -> None:
             received: list[KVChunk] = []
             receiver = TorchDistReceiver(received.append, 2, 8, torch.float32)
             receiver.join(TIMEOUT_S)
-            results.put([(c.transfer_id, c.layer, c.start, c.end, c.keys, c.values)
-                         for c in received])
+            # numpy arrays travel by value: a tensor would travel as a shared-memory handle
+            # that disappears when this process exits before the parent reads it.
+            results.put([(c.transfer_id, c.layer, c.start, c.end, c.keys.numpy(),
+                          c.values.numpy()) for c in received])
         dist.destroy_process_group()
     except BaseException:
         results.put(traceback.format_exc())
@@ -81,7 +83,8 @@ def test_chunks_arrive_intact_between_processes() -> None:
         expected = chunk_for(index)
         assert (transfer_id, layer, start, end) == (
             expected.transfer_id, expected.layer, expected.start, expected.end)
-        assert torch.equal(keys, expected.keys) and torch.equal(values, expected.values)
+        assert torch.equal(torch.from_numpy(keys), expected.keys)
+        assert torch.equal(torch.from_numpy(values), expected.values)
 
 
 PROMPTS = [[100 + 37 * i % 900 for i in range(n)] for n in (9, 33, 70)]
@@ -129,7 +132,7 @@ def engines_worker(rank: int, port: int, plans, tokens, results) -> None:
                 first = tokens.get(timeout=TIMEOUT_S)
                 while not loader.is_complete(plan.transfer_id):
                     receiver.join(0.01)
-                outputs.append(loader.admit(plan.transfer_id, SampledToken(first)))
+                outputs.append(loader.admit(plan.transfer_id, SampledToken(first))[0])
             while engine.has_unfinished:
                 engine.step()
             receiver.join(TIMEOUT_S)
