@@ -14,6 +14,7 @@ from kvserve.cli.args import (
     sampling_params_from_args,
 )
 from kvserve.cli.bench import add_bench_parser, run_bench
+from kvserve.cli.router import add_router_parser, run_router
 from kvserve.cli.serve import add_serve_parser, run_serve
 from kvserve.config import EngineConfig
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_serve_parser(commands)
     add_bench_parser(commands)
+    add_router_parser(commands)
     return parser
 
 
@@ -59,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "bench":
         return run_bench(args, sys.argv[1:] if argv is None else argv)
-    if args.command == "serve":
+    if args.command in ("serve", "router"):
         try:
-            return run_serve(args)
+            return run_serve(args) if args.command == "serve" else run_router(args)
         except (ValueError, FileNotFoundError) as error:
             print(f"kvserve: error: {error}", file=sys.stderr)
             return 2

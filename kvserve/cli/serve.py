@@ -12,11 +12,17 @@ import logging
 import signal
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from kvserve.cli.args import add_engine_args, engine_config_from_args
 from kvserve.model.embedded import EMBEDDED_NAME
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from kvserve.engine.engine_core import EngineCore
 
 logger = logging.getLogger("kvserve")
 
@@ -58,6 +64,16 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds in-flight requests get to finish after SIGTERM before they are aborted",
     )
+    kv = serve.add_argument_group("disaggregation (see `kvserve router`)")
+    kv.add_argument("--role", choices=("colocated", "prefill", "decode"), default="colocated",
+                    help="prefill: compute prompts and stream their KV to decode engines; "
+                    "decode: take KV from prefill engines and generate (default: both)")
+    kv.add_argument("--kv-rank", type=int, default=None,
+                    help="this engine's rank among all prefill and decode engines")
+    kv.add_argument("--kv-world-size", type=int, default=None,
+                    help="how many prefill and decode engines there are")
+    kv.add_argument("--kv-master", default="127.0.0.1:29500",
+                    help="HOST:PORT where the engines meet (rank 0 listens there)")
     add_engine_args(serve)
 
 
@@ -88,6 +104,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log_config=None,  # our logging setup (kvserve.cli.main) formats uvicorn's lines too
         timeout_graceful_shutdown=int(args.shutdown_timeout) + UVICORN_EXTRA_GRACE_S,
     )
+    if args.role != "colocated":
+        _add_role(app, args, engine)
     server = _GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
     logger.info("serving %s on http://%s:%d/v1", model_name, args.host, args.port)
     server.run()
@@ -114,3 +132,20 @@ class _GracefulServer(uvicorn.Server):
         logger.info("%s: draining requests, then shutting down", signal.Signals(sig).name)
         self.should_exit = True
         self.on_exit()
+
+
+def _add_role(app: FastAPI, args: argparse.Namespace, engine: EngineCore) -> None:
+    """Join the KV world and add the role's internal routes (kvserve.disagg.roles)."""
+    from kvserve.disagg.roles import add_decode_routes, add_prefill_routes
+    from kvserve.disagg.world import PrefillEndpoint, decode_endpoint, join_world
+
+    if args.kv_rank is None or args.kv_world_size is None:
+        raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
+    join_world(args.kv_rank, args.kv_world_size, args.kv_master)
+    async_engine = app.state.ctx.engine
+    if args.role == "prefill":
+        endpoint = PrefillEndpoint(engine)
+        add_prefill_routes(app, async_engine, endpoint.saver, endpoint.sender_for)
+    else:
+        loader, _receiver = decode_endpoint(engine)
+        add_decode_routes(app, async_engine, loader, args.kv_rank)

@@ -48,6 +48,7 @@ class _StepRange:
     start: int
     end: int
     slots: torch.Tensor
+    transport: KVTransport
 
 
 class KVSaver:
@@ -58,11 +59,17 @@ class KVSaver:
         self.kv_cache = kv_cache
         self._plans: dict[str, TransferPlan] = {}
         self._sent_upto: dict[str, int] = {}
+        self._transports: dict[str, KVTransport] = {}
         self._step: list[_StepRange] = []
 
-    def add(self, request_id: str, plan: TransferPlan) -> None:
+    def add(
+        self, request_id: str, plan: TransferPlan, transport: KVTransport | None = None
+    ) -> None:
+        """Send ``request_id``'s K/V as ``plan`` says, through ``transport`` (default: the
+        saver's own; a prefill engine serving several decode engines has one per engine)."""
         self._plans[request_id] = plan
         self._sent_upto[request_id] = plan.skip_tokens
+        self._transports[request_id] = transport or self.transport
 
     def is_done(self, request_id: str) -> bool:
         """True once every planned token of the request has been handed to the transport."""
@@ -71,6 +78,7 @@ class KVSaver:
     def drop(self, request_id: str) -> None:
         self._plans.pop(request_id, None)
         self._sent_upto.pop(request_id, None)
+        self._transports.pop(request_id, None)
 
     def begin_step(self, scheduled: list[ScheduledRequest]) -> bool:
         """Note what this step makes sendable; False when nothing is (no hook needed)."""
@@ -83,7 +91,9 @@ class KVSaver:
             end = min(item.start_position + len(item.token_ids), plan.num_tokens)
             if end > start:
                 slots = slots_of(item.block_ids, start, end, self.kv_cache.block_size)
-                self._step.append(_StepRange(plan.transfer_id, start, end, slots))
+                self._step.append(_StepRange(
+                    plan.transfer_id, start, end, slots, self._transports[item.request_id]
+                ))
                 self._sent_upto[item.request_id] = end
         return bool(self._step)
 
@@ -94,7 +104,7 @@ class KVSaver:
         flat_v = v_cache.flatten(0, 1)
         for item in self._step:
             slots = item.slots.to(k_cache.device)
-            self.transport.send(
+            item.transport.send(
                 KVChunk(
                     item.transfer_id,
                     layer,

@@ -55,14 +55,19 @@ class TorchDistSender(KVTransport):
 
     def send(self, chunk: KVChunk) -> None:
         if self._errors:
-            raise RuntimeError("sending KV failed") from self._errors[0]
+            raise self._failure()
         self.sent_bytes += chunk.num_bytes
         self._queue.put(chunk)
 
     def flush(self) -> None:
         self._queue.join()
         if self._errors:
-            raise RuntimeError("sending KV failed") from self._errors[0]
+            raise self._failure()
+
+    def _failure(self) -> RuntimeError:
+        error = RuntimeError(f"sending KV to rank {self.dst} failed: {self._errors[0]}")
+        error.__cause__ = self._errors[0]
+        return error
 
     def close(self, stop_receiver: bool = False) -> None:
         """Stop the sender thread; with ``stop_receiver``, tell the decode rank's receiver too."""

@@ -1,0 +1,132 @@
+"""The internal HTTP routes a prefill engine and a decode engine add to their OpenAI server.
+
+The router drives a request through them in three calls:
+1. ``POST /kv/reserve`` on the decode engine: it looks the prompt up in its prefix cache,
+   allocates blocks for the rest, and answers with the transfer plan and its KV rank.
+2. ``POST /kv/prefill`` on the prefill engine, with that plan and rank: it computes the prompt,
+   streams every layer's K/V to the decode rank as each layer finishes, waits until all of it
+   has been sent, frees its blocks and answers with the first token it sampled.
+3. ``POST /kv/continue`` on the decode engine, with the first token: once every layer has
+   arrived it admits the request and streams its tokens as JSON lines (``token_ids``, ``text``,
+   ``finished``, ``finish_reason``), which the router turns into OpenAI responses.
+A plan the decode engine never receives in full is cancelled after ``TRANSFER_TIMEOUT_S`` and
+its blocks freed; a failed prefill frees the prefill engine's blocks and answers 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvserve.disagg.connector import KVLoader, KVSaver
+from kvserve.disagg.transfer import TransferPlan
+from kvserve.disagg.transport import KVTransport
+from kvserve.engine.async_engine import AsyncEngine
+from kvserve.engine.engine_core import EngineCore
+from kvserve.sampling_params import SamplingParams
+from kvserve.worker.model_runner import SampledToken
+
+TRANSFER_TIMEOUT_S = 30.0
+POLL_S = 0.001
+
+
+def sampling_from(body: dict[str, Any]) -> SamplingParams:
+    """The request's sampling parameters (SamplingParams' own names and checks)."""
+    return SamplingParams(**body.get("sampling", {}))
+
+
+def add_decode_routes(app: FastAPI, engine: AsyncEngine, loader: KVLoader, kv_rank: int) -> None:
+    router = APIRouter(prefix="/kv")
+
+    @router.post("/reserve")
+    async def reserve(body: dict[str, Any]) -> JSONResponse:
+        prompt_ids = [int(t) for t in body["prompt_token_ids"]]
+        params = sampling_from(body)
+        try:
+            plan = await engine.call(lambda core: loader.reserve(prompt_ids, params))
+        except (ValueError, RuntimeError) as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+        return JSONResponse({"transfer_id": plan.transfer_id, "num_tokens": plan.num_tokens,
+                             "skip_tokens": plan.skip_tokens, "kv_rank": kv_rank})
+
+    @router.post("/continue")
+    async def continue_(body: dict[str, Any]) -> Any:
+        transfer_id = str(body["transfer_id"])
+        first = SampledToken(int(body["first_token_id"]))
+        deadline = time.monotonic() + TRANSFER_TIMEOUT_S
+        while not loader.is_complete(transfer_id):
+            if time.monotonic() > deadline:
+                await engine.call(lambda core: loader.cancel(transfer_id))
+                return JSONResponse({"error": f"KV of {transfer_id!r} did not arrive"},
+                                    status_code=504)
+            await asyncio.sleep(POLL_S)
+        deltas = engine.follow(lambda core: loader.admit_for_stream(transfer_id, first))
+        return StreamingResponse(_json_lines(deltas), media_type="application/x-ndjson")
+
+    @router.post("/cancel")
+    async def cancel(body: dict[str, Any]) -> JSONResponse:
+        transfer_id = str(body["transfer_id"])
+        await engine.call(lambda core: loader.cancel(transfer_id))
+        return JSONResponse({"cancelled": transfer_id})
+
+    app.include_router(router)
+
+
+async def _json_lines(deltas: AsyncIterator) -> AsyncIterator[bytes]:
+    async for delta in deltas:
+        output = delta.output
+        line = {"token_ids": delta.token_ids, "text": delta.text, "finished": delta.finished,
+                "finish_reason": output.finish_reason if delta.finished else None}
+        yield (json.dumps(line) + "\n").encode()
+
+
+def add_prefill_routes(
+    app: FastAPI,
+    engine: AsyncEngine,
+    saver: KVSaver,
+    sender_for: Callable[[int], KVTransport],
+) -> None:
+    router = APIRouter(prefix="/kv")
+
+    @router.post("/prefill")
+    async def prefill(body: dict[str, Any]) -> JSONResponse:
+        prompt_ids = [int(t) for t in body["prompt_token_ids"]]
+        plan = TransferPlan(str(body["transfer_id"]), int(body["num_tokens"]),
+                            int(body["skip_tokens"]))
+        params = sampling_from(body)
+        first_params = SamplingParams(max_tokens=1, temperature=params.temperature,
+                                      top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                                      seed=params.seed, ignore_eos=True)
+        sender = sender_for(int(body["kv_rank"]))
+
+        def start(core: EngineCore):
+            request = core.new_request(prompt_ids, first_params)
+            request.hold_kv = True  # blocks stay until every layer has been sent
+            saver.add(request.request_id, plan, sender)
+            return request, core.add_request(request)
+
+        request, output = await engine.call(start)
+        try:
+            while not request.is_finished:
+                await asyncio.sleep(POLL_S)
+            await asyncio.to_thread(sender.flush)
+        except Exception as error:  # noqa: BLE001 (the router gets a 502 naming it)
+            return JSONResponse({"error": f"the KV transfer to the decode engine failed: {error}"},
+                                status_code=502)
+        finally:
+            def release(core: EngineCore) -> None:
+                saver.drop(request.request_id)
+                core.scheduler.release_held(request)
+
+            await engine.call(release)
+        if output.finish_reason == "abort" or not output.token_ids:
+            return JSONResponse({"error": "the prefill was aborted"}, status_code=502)
+        return JSONResponse({"first_token_id": output.token_ids[0]})
+
+    app.include_router(router)

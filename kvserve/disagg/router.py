@@ -1,0 +1,170 @@
+"""`kvserve router`: the OpenAI-compatible front door of a disaggregated set.
+
+For each completion it picks a decode engine and a prefill engine (round robin), has the decode
+engine reserve blocks, the prefill engine compute and stream the KV, and streams the decode
+engine's tokens back as OpenAI's ``text_completion`` objects (SSE when ``stream`` is true). A
+decode engine that cannot be reached is reported in the response and skipped by later
+requests; a failed prefill cancels the decode engine's reservation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvserve.model.tokenizer import Tokenizer
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
+                 "stop", "presence_penalty", "frequency_penalty", "min_tokens")
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class RouterError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Router:
+    """Which engines exist, which decode engines are up, and the three calls of a request."""
+
+    def __init__(self, prefill_urls: list[str], decode_urls: list[str]) -> None:
+        if not prefill_urls or not decode_urls:
+            raise ValueError("a router needs at least one --prefill and one --decode URL")
+        self.prefill_urls = [u.rstrip("/") for u in prefill_urls]
+        self.decode_urls = [u.rstrip("/") for u in decode_urls]
+        self.down: set[str] = set()
+        self._prefill_turn = itertools.cycle(range(len(self.prefill_urls)))
+        self._decode_turn = itertools.cycle(range(len(self.decode_urls)))
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+
+    def _next_decode(self) -> str:
+        for _ in self.decode_urls:
+            url = self.decode_urls[next(self._decode_turn)]
+            if url not in self.down:
+                return url
+        raise RouterError(503, f"no decode engine is up (down: {sorted(self.down)})")
+
+    async def start(self, prompt_ids: list[int], sampling: dict) -> tuple[str, dict, int]:
+        """Reserve on a decode engine and prefill; returns (decode url, plan, first token)."""
+        decode = self._next_decode()
+        try:
+            reply = await self.client.post(f"{decode}/kv/reserve",
+                                           json={"prompt_token_ids": prompt_ids,
+                                                 "sampling": sampling})
+        except httpx.TransportError as error:
+            self.down.add(decode)
+            raise RouterError(502, f"decode engine {decode} is unreachable: {error}") from error
+        if reply.status_code != 200:
+            raise RouterError(400, reply.json().get("error", reply.text))
+        plan = reply.json()
+        prefill = self.prefill_urls[next(self._prefill_turn)]
+        try:
+            done = await self.client.post(f"{prefill}/kv/prefill",
+                                          json={**plan, "prompt_token_ids": prompt_ids,
+                                                "sampling": sampling})
+            failed = None if done.status_code == 200 else done.json().get("error", done.text)
+        except httpx.TransportError as error:
+            failed = f"prefill engine {prefill} is unreachable: {error}"
+        if failed is not None:
+            try:
+                await self.client.post(f"{decode}/kv/cancel",
+                                       json={"transfer_id": plan["transfer_id"]})
+            except httpx.TransportError:
+                self.down.add(decode)
+                failed += f"; decode engine {decode} is unreachable"
+            raise RouterError(502, failed)
+        return decode, plan, int(done.json()["first_token_id"])
+
+    async def tokens(self, decode: str, plan: dict, first_token: int) -> AsyncIterator[dict]:
+        """The decode engine's JSON lines for the request."""
+        body = {"transfer_id": plan["transfer_id"], "first_token_id": first_token}
+        try:
+            async with self.client.stream("POST", f"{decode}/kv/continue", json=body) as reply:
+                if reply.status_code != 200:
+                    await reply.aread()
+                    raise RouterError(502, reply.json().get("error", reply.text))
+                async for line in reply.aiter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as error:
+            self.down.add(decode)
+            raise RouterError(502, f"decode engine {decode} failed mid-request: {error}") from error
+
+
+def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+    app = FastAPI(title="kvserve router")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "decode_down": sorted(router.down)})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model"}]})
+
+    @app.post("/v1/completions")
+    async def completions(body: dict[str, Any]) -> Any:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompt_ids = tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            prompt_ids = prompt
+        else:
+            return _error(400, "prompt must be a string or a non-empty list of token ids")
+        sampling = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+        sampling.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        try:
+            decode, plan, first = await router.start(prompt_ids, sampling)
+        except RouterError as error:
+            return _error(error.status, str(error))
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        lines = router.tokens(decode, plan, first)
+        if body.get("stream"):
+            return StreamingResponse(_sse(lines, response_id, model_name),
+                                     media_type="text/event-stream")
+        text, token_ids, finish_reason = "", [], None
+        try:
+            async for line in lines:
+                text += line["text"]
+                token_ids += line["token_ids"]
+                finish_reason = line["finish_reason"] or finish_reason
+        except RouterError as error:
+            return _error(error.status, str(error))
+        return JSONResponse({
+            "id": response_id, "object": "text_completion", "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
+                         "logprobs": None, "token_ids": token_ids}],
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(token_ids),
+                      "total_tokens": len(prompt_ids) + len(token_ids)},
+        })
+
+    return app
+
+
+async def _sse(lines: AsyncIterator[dict], response_id: str, model: str) -> AsyncIterator[str]:
+    try:
+        async for line in lines:
+            chunk = {"id": response_id, "object": "text_completion", "model": model,
+                     "created": int(time.time()),
+                     "choices": [{"index": 0, "text": line["text"],
+                                  "finish_reason": line["finish_reason"], "logprobs": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except RouterError as error:
+        yield f"data: {json.dumps({'error': {'message': str(error), 'code': error.status}})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
+                        status_code=status)

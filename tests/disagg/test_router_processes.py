@@ -1,0 +1,149 @@
+"""A prefill engine, a decode engine and the router as three real processes on 127.0.0.1 (gloo
+between the engines): completions through the router carry the colocated engine's greedy
+tokens, streamed or not, and both engines' KV pools are idle afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvserve.engine.llm import LLM
+from kvserve.sampling_params import SamplingParams
+from tests.server.server_process import ENGINE_ARGS, STARTUP_TIMEOUT_S, free_port
+
+PROMPTS = [[300 + (29 * i) % 800 for i in range(n)] for n in (7, 16, 45)]
+MAX_TOKENS = 8
+
+
+def launch(log_path: Path, *args: str) -> subprocess.Popen:
+    with log_path.open("w") as log:
+        return subprocess.Popen([sys.executable, "-m", "kvserve.cli.main", *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never became healthy:\n{log_path.read_text()}")
+
+
+@contextlib.contextmanager
+def running_set(logs: Path) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Popen]]]:
+    """Prefill (rank 0), decode (rank 1) and the router, stopped by SIGTERM at the end."""
+    master = f"127.0.0.1:{free_port()}"
+    ports = {role: free_port() for role in ("prefill", "decode", "router")}
+    urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
+    processes = {}
+    for rank, role in enumerate(("prefill", "decode")):
+        processes[role] = launch(
+            logs / f"{role}.log", "serve", "--role", role, "--kv-rank", str(rank),
+            "--kv-world-size", "2", "--kv-master", master, "--port", str(ports[role]),
+            *ENGINE_ARGS,
+        )
+    try:
+        for role in ("prefill", "decode"):
+            wait_healthy(urls[role], processes[role], logs / f"{role}.log")
+        processes["router"] = launch(
+            logs / "router.log", "router", "--prefill", urls["prefill"], "--decode",
+            urls["decode"], "--port", str(ports["router"]),
+        )
+        wait_healthy(urls["router"], processes["router"], logs / "router.log")
+        yield urls, processes
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def disaggregated(tmp_path_factory) -> Iterator[dict[str, str]]:
+    with running_set(tmp_path_factory.mktemp("disagg")) as (urls, _):
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[list[int]]:
+    llm = LLM(dtype="float32", kv_cache_memory="64MiB")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def completion(url: str, prompt: list[int], stream: bool = False) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    return httpx.post(url + "/v1/completions", json=body, timeout=120)
+
+
+def test_router_completions_equal_the_colocated_engine(disaggregated, expected) -> None:
+    for prompt, tokens in zip(PROMPTS, expected, strict=True):
+        reply = completion(disaggregated["router"], prompt)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert choice["token_ids"] == tokens
+        assert choice["finish_reason"] == "length"
+    for role in ("prefill", "decode"):
+        stats = httpx.get(disaggregated[role] + "/v1/stats", timeout=10).json()
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"], (role, stats)
+
+
+def test_streamed_text_equals_the_whole_text(disaggregated) -> None:
+    whole = completion(disaggregated["router"], PROMPTS[1]).json()["choices"][0]["text"]
+    reply = completion(disaggregated["router"], PROMPTS[1], stream=True)
+    events = [line.removeprefix("data: ") for line in reply.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert text == whole
+
+
+def test_killing_the_decode_engine_mid_request_fails_cleanly(tmp_path: Path) -> None:
+    """The client gets an error naming the decode engine, the prefill engine's blocks all come
+    back, and the router reports the decode engine down."""
+    with running_set(tmp_path) as (urls, processes):
+        long_prompt = [300 + (31 * i) % 800 for i in range(1400)]
+        reply: dict[str, httpx.Response] = {}
+        thread = threading.Thread(
+            target=lambda: reply.setdefault("r", completion(urls["router"], long_prompt))
+        )
+        thread.start()
+        time.sleep(0.5)  # the request is in the prefill (1,400 tokens take over a second)
+        processes["decode"].kill()
+        thread.join(120)
+        response = reply["r"]
+        assert response.status_code in (502, 503), response.text
+        assert "decode engine" in response.json()["error"]["message"]
+        deadline = time.monotonic() + 30
+        while True:
+            stats = httpx.get(urls["prefill"] + "/v1/stats", timeout=10).json()
+            idle = stats["kv_blocks_free"] == stats["kv_blocks_total"]
+            if idle and stats["num_running"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert idle, stats
+        assert urls["decode"] in httpx.get(urls["router"] + "/health", timeout=10).json()[
+            "decode_down"
+        ]
