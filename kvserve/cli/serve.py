@@ -136,6 +136,7 @@ class _GracefulServer(uvicorn.Server):
 
 def _add_role(app: FastAPI, args: argparse.Namespace, engine: EngineCore) -> None:
     """Join the KV world and add the role's internal routes (kvserve.disagg.roles)."""
+    from kvserve.disagg.metrics import KVTransferCollector, KVTransferStats
     from kvserve.disagg.roles import add_decode_routes, add_prefill_routes
     from kvserve.disagg.world import PrefillEndpoint, decode_endpoint, join_world
 
@@ -143,9 +144,11 @@ def _add_role(app: FastAPI, args: argparse.Namespace, engine: EngineCore) -> Non
         raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
     join_world(args.kv_rank, args.kv_world_size, args.kv_master)
     async_engine = app.state.ctx.engine
+    stats = KVTransferStats()
     if args.role == "prefill":
         endpoint = PrefillEndpoint(engine)
-        add_prefill_routes(app, async_engine, endpoint.saver, endpoint.sender_for)
+        add_prefill_routes(app, async_engine, endpoint.saver, endpoint.sender_for, stats)
     else:
         loader, _receiver = decode_endpoint(engine)
-        add_decode_routes(app, async_engine, loader, args.kv_rank)
+        add_decode_routes(app, async_engine, loader, args.kv_rank, stats)
+    app.state.ctx.metrics.registry.register(KVTransferCollector(stats, args.role))

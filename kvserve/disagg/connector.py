@@ -61,6 +61,7 @@ class KVSaver:
         self._sent_upto: dict[str, int] = {}
         self._transports: dict[str, KVTransport] = {}
         self._step: list[_StepRange] = []
+        self.sent_bytes = 0  # K/V handed to transports
 
     def add(
         self, request_id: str, plan: TransferPlan, transport: KVTransport | None = None
@@ -104,16 +105,16 @@ class KVSaver:
         flat_v = v_cache.flatten(0, 1)
         for item in self._step:
             slots = item.slots.to(k_cache.device)
-            item.transport.send(
-                KVChunk(
-                    item.transfer_id,
-                    layer,
-                    item.start,
-                    item.end,
-                    flat_k.index_select(0, slots),
-                    flat_v.index_select(0, slots),
-                )
+            chunk = KVChunk(
+                item.transfer_id,
+                layer,
+                item.start,
+                item.end,
+                flat_k.index_select(0, slots),
+                flat_v.index_select(0, slots),
             )
+            item.transport.send(chunk)
+            self.sent_bytes += chunk.num_bytes
 
     def end_step(self) -> None:
         """Forget the plans whose every token has now been sent."""

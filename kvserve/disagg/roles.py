@@ -25,6 +25,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvserve.disagg.connector import KVLoader, KVSaver
+from kvserve.disagg.metrics import KVTransferStats
 from kvserve.disagg.transfer import TransferPlan
 from kvserve.disagg.transport import KVTransport
 from kvserve.engine.async_engine import AsyncEngine
@@ -41,8 +42,11 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**body.get("sampling", {}))
 
 
-def add_decode_routes(app: FastAPI, engine: AsyncEngine, loader: KVLoader, kv_rank: int) -> None:
+def add_decode_routes(
+    app: FastAPI, engine: AsyncEngine, loader: KVLoader, kv_rank: int, stats: KVTransferStats
+) -> None:
     router = APIRouter(prefix="/kv")
+    reserved_at: dict[str, float] = {}
 
     @router.post("/reserve")
     async def reserve(body: dict[str, Any]) -> JSONResponse:
@@ -52,6 +56,7 @@ def add_decode_routes(app: FastAPI, engine: AsyncEngine, loader: KVLoader, kv_ra
             plan = await engine.call(lambda core: loader.reserve(prompt_ids, params))
         except (ValueError, RuntimeError) as error:
             return JSONResponse({"error": str(error)}, status_code=400)
+        reserved_at[plan.transfer_id] = time.monotonic()
         return JSONResponse({"transfer_id": plan.transfer_id, "num_tokens": plan.num_tokens,
                              "skip_tokens": plan.skip_tokens, "kv_rank": kv_rank})
 
@@ -59,13 +64,20 @@ def add_decode_routes(app: FastAPI, engine: AsyncEngine, loader: KVLoader, kv_ra
     async def continue_(body: dict[str, Any]) -> Any:
         transfer_id = str(body["transfer_id"])
         first = SampledToken(int(body["first_token_id"]))
-        deadline = time.monotonic() + TRANSFER_TIMEOUT_S
+        waiting_since = time.monotonic()
+        deadline = waiting_since + TRANSFER_TIMEOUT_S
         while not loader.is_complete(transfer_id):
             if time.monotonic() > deadline:
                 await engine.call(lambda core: loader.cancel(transfer_id))
+                reserved_at.pop(transfer_id, None)
+                stats.add(failures=1)
                 return JSONResponse({"error": f"KV of {transfer_id!r} did not arrive"},
                                     status_code=504)
             await asyncio.sleep(POLL_S)
+        done = time.monotonic()
+        stats.bytes_received = loader.received_bytes
+        stats.add(transfers=1, wait_seconds=done - waiting_since,
+                  seconds=done - reserved_at.pop(transfer_id, waiting_since))
         deltas = engine.follow(lambda core: loader.admit_for_stream(transfer_id, first))
         return StreamingResponse(_json_lines(deltas), media_type="application/x-ndjson")
 
@@ -73,7 +85,14 @@ def add_decode_routes(app: FastAPI, engine: AsyncEngine, loader: KVLoader, kv_ra
     async def cancel(body: dict[str, Any]) -> JSONResponse:
         transfer_id = str(body["transfer_id"])
         await engine.call(lambda core: loader.cancel(transfer_id))
+        reserved_at.pop(transfer_id, None)
+        stats.add(failures=1)
         return JSONResponse({"cancelled": transfer_id})
+
+    @router.get("/stats")
+    async def kv_stats() -> JSONResponse:
+        stats.bytes_received = loader.received_bytes
+        return JSONResponse({"role": "decode", **stats.snapshot()})
 
     app.include_router(router)
 
@@ -91,6 +110,7 @@ def add_prefill_routes(
     engine: AsyncEngine,
     saver: KVSaver,
     sender_for: Callable[[int], KVTransport],
+    stats: KVTransferStats,
 ) -> None:
     router = APIRouter(prefix="/kv")
 
@@ -111,12 +131,19 @@ def add_prefill_routes(
             saver.add(request.request_id, plan, sender)
             return request, core.add_request(request)
 
+        started = time.monotonic()
         request, output = await engine.call(start)
         try:
             while not request.is_finished:
                 await asyncio.sleep(POLL_S)
-            await asyncio.to_thread(sender.flush)
+            # K/V travel as copies, so the blocks can be freed even if a send never finishes.
+            await asyncio.wait_for(asyncio.to_thread(sender.flush), TRANSFER_TIMEOUT_S)
+        except TimeoutError:
+            stats.add(failures=1)
+            return JSONResponse({"error": "the decode engine did not take the KV within "
+                                 f"{TRANSFER_TIMEOUT_S:g} s"}, status_code=504)
         except Exception as error:  # noqa: BLE001 (the router gets a 502 naming it)
+            stats.add(failures=1)
             return JSONResponse({"error": f"the KV transfer to the decode engine failed: {error}"},
                                 status_code=502)
         finally:
@@ -127,6 +154,13 @@ def add_prefill_routes(
             await engine.call(release)
         if output.finish_reason == "abort" or not output.token_ids:
             return JSONResponse({"error": "the prefill was aborted"}, status_code=502)
+        stats.bytes_sent = saver.sent_bytes
+        stats.add(transfers=1, seconds=time.monotonic() - started)
         return JSONResponse({"first_token_id": output.token_ids[0]})
+
+    @router.get("/stats")
+    async def kv_stats() -> JSONResponse:
+        stats.bytes_sent = saver.sent_bytes
+        return JSONResponse({"role": "prefill", **stats.snapshot()})
 
     app.include_router(router)

@@ -87,10 +87,18 @@ def disaggregated(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def expected() -> list[list[int]]:
-    llm = LLM(dtype="float32", kv_cache_memory="64MiB")
+def colocated() -> LLM:
+    return LLM(dtype="float32", kv_cache_memory="64MiB")
+
+
+@pytest.fixture(scope="module")
+def expected(colocated: LLM) -> list[list[int]]:
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    return [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    return [o.token_ids for o in colocated.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def kv_stats(url: str) -> dict:
+    return httpx.get(url + "/kv/stats", timeout=10).json()
 
 
 def completion(url: str, prompt: list[int], stream: bool = False) -> httpx.Response:
@@ -109,6 +117,26 @@ def test_router_completions_equal_the_colocated_engine(disaggregated, expected) 
     for role in ("prefill", "decode"):
         stats = httpx.get(disaggregated[role] + "/v1/stats", timeout=10).json()
         assert stats["kv_blocks_free"] == stats["kv_blocks_total"], (role, stats)
+
+
+def test_a_second_request_with_the_same_prefix_transfers_only_new_tokens(
+    disaggregated, colocated: LLM
+) -> None:
+    k_cache = colocated.engine.runner.kv_cache.layers[0][0]
+    per_token = 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size() * len(
+        colocated.engine.runner.kv_cache.layers
+    )
+    prefix = [500 + (17 * i) % 700 for i in range(96)]  # 6 blocks of 16
+    first, second = prefix + [11, 12, 13], prefix + [21, 22, 23, 24, 25]
+    assert completion(disaggregated["router"], first).status_code == 200
+    sent, received = (kv_stats(disaggregated[r]) for r in ("prefill", "decode"))
+    assert completion(disaggregated["router"], second).status_code == 200
+    sent_after, received_after = (kv_stats(disaggregated[r]) for r in ("prefill", "decode"))
+    assert sent_after["bytes_sent"] - sent["bytes_sent"] == 5 * per_token
+    assert received_after["bytes_received"] - received["bytes_received"] == 5 * per_token
+    assert received_after["transfers"] == received["transfers"] + 1
+    metrics = httpx.get(disaggregated["decode"] + "/metrics", timeout=10).text
+    assert 'kvserve:kv_transfer_bytes_received_total{role="decode"} ' in metrics
 
 
 def test_streamed_text_equals_the_whole_text(disaggregated) -> None:
