@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from kvserve.model.tokenizer import Tokenizer
 
@@ -45,6 +46,17 @@ class Router:
         self._prefill_turn = itertools.cycle(range(len(self.prefill_urls)))
         self._decode_turn = itertools.cycle(range(len(self.decode_urls)))
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        self.registry = CollectorRegistry()
+        self.phase_seconds = Histogram(
+            "kvserve:router_phase_seconds",
+            "per-request time in each phase: reserve (decode engine allocates), prefill "
+            "(prefill engine computes and sends the KV), transfer (decode engine waits for the "
+            "rest of the KV and admits), decode (first to last token)",
+            ["phase"], registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.requests = Counter("kvserve:router_requests", "requests by outcome", ["outcome"],
+                                registry=self.registry)
 
     def _next_decode(self) -> str:
         for _ in self.decode_urls:
@@ -56,6 +68,7 @@ class Router:
     async def start(self, prompt_ids: list[int], sampling: dict) -> tuple[str, dict, int]:
         """Reserve on a decode engine and prefill; returns (decode url, plan, first token)."""
         decode = self._next_decode()
+        started = time.perf_counter()
         try:
             reply = await self.client.post(f"{decode}/kv/reserve",
                                            json={"prompt_token_ids": prompt_ids,
@@ -66,6 +79,8 @@ class Router:
         if reply.status_code != 200:
             raise RouterError(400, reply.json().get("error", reply.text))
         plan = reply.json()
+        reserved = time.perf_counter()
+        self.phase_seconds.labels("reserve").observe(reserved - started)
         prefill = self.prefill_urls[next(self._prefill_turn)]
         try:
             done = await self.client.post(f"{prefill}/kv/prefill",
@@ -82,11 +97,14 @@ class Router:
                 self.down.add(decode)
                 failed += f"; decode engine {decode} is unreachable"
             raise RouterError(502, failed)
+        self.phase_seconds.labels("prefill").observe(time.perf_counter() - reserved)
         return decode, plan, int(done.json()["first_token_id"])
 
     async def tokens(self, decode: str, plan: dict, first_token: int) -> AsyncIterator[dict]:
         """The decode engine's JSON lines for the request."""
         body = {"transfer_id": plan["transfer_id"], "first_token_id": first_token}
+        asked = time.perf_counter()
+        first_line_at = None
         try:
             async with self.client.stream("POST", f"{decode}/kv/continue", json=body) as reply:
                 if reply.status_code != 200:
@@ -94,7 +112,12 @@ class Router:
                     raise RouterError(502, reply.json().get("error", reply.text))
                 async for line in reply.aiter_lines():
                     if line:
+                        if first_line_at is None:
+                            first_line_at = time.perf_counter()
+                            self.phase_seconds.labels("transfer").observe(first_line_at - asked)
                         yield json.loads(line)
+            if first_line_at is not None:
+                self.phase_seconds.labels("decode").observe(time.perf_counter() - first_line_at)
         except httpx.TransportError as error:
             self.down.add(decode)
             raise RouterError(502, f"decode engine {decode} failed mid-request: {error}") from error
@@ -106,6 +129,10 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "decode_down": sorted(router.down)})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(router.registry).decode())
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -125,6 +152,7 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
         try:
             decode, plan, first = await router.start(prompt_ids, sampling)
         except RouterError as error:
+            router.requests.labels("error").inc()
             return _error(error.status, str(error))
         response_id = f"cmpl-{uuid.uuid4().hex}"
         lines = router.tokens(decode, plan, first)
@@ -138,7 +166,9 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
                 token_ids += line["token_ids"]
                 finish_reason = line["finish_reason"] or finish_reason
         except RouterError as error:
+            router.requests.labels("error").inc()
             return _error(error.status, str(error))
+        router.requests.labels("ok").inc()
         return JSONResponse({
             "id": response_id, "object": "text_completion", "created": int(time.time()),
             "model": model_name,

@@ -117,6 +117,9 @@ def test_router_completions_equal_the_colocated_engine(disaggregated, expected) 
     for role in ("prefill", "decode"):
         stats = httpx.get(disaggregated[role] + "/v1/stats", timeout=10).json()
         assert stats["kv_blocks_free"] == stats["kv_blocks_total"], (role, stats)
+    metrics = httpx.get(disaggregated["router"] + "/metrics", timeout=10).text
+    for phase in ("reserve", "prefill", "transfer", "decode"):
+        assert f'kvserve:router_phase_seconds_count{{phase="{phase}"}} ' in metrics
 
 
 def test_a_second_request_with_the_same_prefix_transfers_only_new_tokens(
