@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args, sys.argv[1:] if argv is None else argv)
     if args.command in ("serve", "router"):
         try:
-            return run_serve(args) if args.command == "serve" else run_router(args)
+            if args.command == "router":
+                return run_router(args)
+            return run_serve(args, sys.argv[1:] if argv is None else argv)
         except (ValueError, FileNotFoundError) as error:
             print(f"kvserve: error: {error}", file=sys.stderr)
             return 2

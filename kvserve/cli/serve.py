@@ -74,11 +74,28 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                     help="how many prefill and decode engines there are")
     kv.add_argument("--kv-master", default="127.0.0.1:29500",
                     help="HOST:PORT where the engines meet (rank 0 listens there)")
+    kv.add_argument("--disaggregated", action="store_true",
+                    help="start prefill engines, decode engines and the router on this machine "
+                    "(the router on --port, the engines on the ports after it)")
+    kv.add_argument("--prefill-devices", nargs="+", default=["auto"], metavar="DEVICE",
+                    help="with --disaggregated: one prefill engine per device (default: one)")
+    kv.add_argument("--decode-devices", nargs="+", default=["auto"], metavar="DEVICE",
+                    help="with --disaggregated: one decode engine per device (default: one)")
     add_engine_args(serve)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Load the engine, then serve until SIGTERM or Ctrl-C; returns the exit code."""
+def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Load the engine, then serve until SIGTERM or Ctrl-C; returns the exit code.
+    ``argv`` (the command line after ``kvserve``) is what ``--disaggregated`` passes on."""
+    if args.disaggregated:
+        from kvserve.disagg import launcher
+
+        serve_argv = argv or []
+        serve_argv = serve_argv[serve_argv.index("serve") + 1 :] if "serve" in serve_argv else []
+        return launcher.run(launcher.commands(
+            serve_argv, args.host, args.port, args.prefill_devices, args.decode_devices,
+            launcher.free_port(args.host),
+        ))
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.engine.builder import build_engine
     from kvserve.server.app import begin_drain, build_app

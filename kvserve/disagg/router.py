@@ -26,6 +26,7 @@ from kvserve.model.tokenizer import Tokenizer
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
                  "stop", "presence_penalty", "frequency_penalty", "min_tokens")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+RETRY_DOWN_S = 10.0  # a decode engine found unreachable is skipped this long
 
 
 class RouterError(Exception):
@@ -42,7 +43,7 @@ class Router:
             raise ValueError("a router needs at least one --prefill and one --decode URL")
         self.prefill_urls = [u.rstrip("/") for u in prefill_urls]
         self.decode_urls = [u.rstrip("/") for u in decode_urls]
-        self.down: set[str] = set()
+        self.down: dict[str, float] = {}  # decode url -> when it was last found unreachable
         self._prefill_turn = itertools.cycle(range(len(self.prefill_urls)))
         self._decode_turn = itertools.cycle(range(len(self.decode_urls)))
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
@@ -58,10 +59,16 @@ class Router:
         self.requests = Counter("kvserve:router_requests", "requests by outcome", ["outcome"],
                                 registry=self.registry)
 
+    def mark_down(self, url: str) -> None:
+        self.down[url] = time.monotonic()
+
     def _next_decode(self) -> str:
+        """The next decode engine in turn that is not down; one found down is tried again
+        after ``RETRY_DOWN_S``."""
+        now = time.monotonic()
         for _ in self.decode_urls:
             url = self.decode_urls[next(self._decode_turn)]
-            if url not in self.down:
+            if now - self.down.get(url, -RETRY_DOWN_S) >= RETRY_DOWN_S:
                 return url
         raise RouterError(503, f"no decode engine is up (down: {sorted(self.down)})")
 
@@ -74,10 +81,11 @@ class Router:
                                            json={"prompt_token_ids": prompt_ids,
                                                  "sampling": sampling})
         except httpx.TransportError as error:
-            self.down.add(decode)
+            self.mark_down(decode)
             raise RouterError(502, f"decode engine {decode} is unreachable: {error}") from error
         if reply.status_code != 200:
             raise RouterError(400, reply.json().get("error", reply.text))
+        self.down.pop(decode, None)
         plan = reply.json()
         reserved = time.perf_counter()
         self.phase_seconds.labels("reserve").observe(reserved - started)
@@ -94,7 +102,7 @@ class Router:
                 await self.client.post(f"{decode}/kv/cancel",
                                        json={"transfer_id": plan["transfer_id"]})
             except httpx.TransportError:
-                self.down.add(decode)
+                self.mark_down(decode)
                 failed += f"; decode engine {decode} is unreachable"
             raise RouterError(502, failed)
         self.phase_seconds.labels("prefill").observe(time.perf_counter() - reserved)
@@ -119,7 +127,7 @@ class Router:
             if first_line_at is not None:
                 self.phase_seconds.labels("decode").observe(time.perf_counter() - first_line_at)
         except httpx.TransportError as error:
-            self.down.add(decode)
+            self.mark_down(decode)
             raise RouterError(502, f"decode engine {decode} failed mid-request: {error}") from error
 
 
