@@ -155,17 +155,33 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
             prompt_ids = prompt
         else:
             return _error(400, "prompt must be a string or a non-empty list of token ids")
+        return await respond(body, prompt_ids, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: dict[str, Any]) -> Any:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "messages must be a non-empty list")
+        try:
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except (ValueError, TypeError, KeyError) as error:
+            return _error(400, f"messages: {error}")
+        return await respond(body, prompt_ids, chat=True)
+
+    async def respond(body: dict[str, Any], prompt_ids: list[int], chat: bool) -> Any:
         sampling = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+        if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+            sampling["max_tokens"] = body["max_completion_tokens"]
         sampling.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         try:
             decode, plan, first = await router.start(prompt_ids, sampling)
         except RouterError as error:
             router.requests.labels("error").inc()
             return _error(error.status, str(error))
-        response_id = f"cmpl-{uuid.uuid4().hex}"
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         lines = router.tokens(decode, plan, first)
         if body.get("stream"):
-            return StreamingResponse(_sse(lines, response_id, model_name),
+            return StreamingResponse(_sse(lines, response_id, model_name, chat),
                                      media_type="text/event-stream")
         text, token_ids, finish_reason = "", [], None
         try:
@@ -177,11 +193,15 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
             router.requests.labels("error").inc()
             return _error(error.status, str(error))
         router.requests.labels("ok").inc()
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason,
+                      "logprobs": None, "token_ids": token_ids}
         return JSONResponse({
-            "id": response_id, "object": "text_completion", "created": int(time.time()),
-            "model": model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
-                         "logprobs": None, "token_ids": token_ids}],
+            "id": response_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model_name, "choices": [choice],
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(token_ids),
                       "total_tokens": len(prompt_ids) + len(token_ids)},
         })
@@ -189,13 +209,20 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
     return app
 
 
-async def _sse(lines: AsyncIterator[dict], response_id: str, model: str) -> AsyncIterator[str]:
+async def _sse(
+    lines: AsyncIterator[dict], response_id: str, model: str, chat: bool
+) -> AsyncIterator[str]:
     try:
         async for line in lines:
-            chunk = {"id": response_id, "object": "text_completion", "model": model,
-                     "created": int(time.time()),
-                     "choices": [{"index": 0, "text": line["text"],
-                                  "finish_reason": line["finish_reason"], "logprobs": None}]}
+            if chat:
+                choice = {"index": 0, "delta": {"content": line["text"]},
+                          "finish_reason": line["finish_reason"], "logprobs": None}
+            else:
+                choice = {"index": 0, "text": line["text"],
+                          "finish_reason": line["finish_reason"], "logprobs": None}
+            chunk = {"id": response_id, "model": model, "created": int(time.time()),
+                     "object": "chat.completion.chunk" if chat else "text_completion",
+                     "choices": [choice]}
             yield f"data: {json.dumps(chunk)}\n\n"
     except RouterError as error:
         yield f"data: {json.dumps({'error': {'message': str(error), 'code': error.status}})}\n\n"

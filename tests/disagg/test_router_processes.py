@@ -178,3 +178,16 @@ def test_killing_the_decode_engine_mid_request_fails_cleanly(tmp_path: Path) -> 
         assert urls["decode"] in httpx.get(urls["router"] + "/health", timeout=10).json()[
             "decode_down"
         ]
+
+
+def test_chat_completion_equals_the_colocated_chat(disaggregated, colocated: LLM) -> None:
+    messages = [{"role": "user", "content": "Name a primary color."}]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    expected_text = colocated.chat(messages, params).text
+    reply = httpx.post(disaggregated["router"] + "/v1/chat/completions",
+                       json={"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0,
+                             "ignore_eos": True}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected_text}
