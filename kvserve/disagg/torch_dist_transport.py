@@ -10,7 +10,6 @@ A header whose layer is -1 stops a receiver.
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kvserve.disagg.transfer import KVChunk
-from kvserve.disagg.transport import KVTransport
+from kvserve.disagg.transport import QueuedTransport
 
 KV_TAG = 7  # KV messages carry this tag, so other point-to-point traffic can share the group
 ID_BYTES = 64
@@ -41,28 +40,15 @@ def decode_header(header: torch.Tensor) -> tuple[int, int, int, str]:
     return layer, start, end, raw.decode()
 
 
-class TorchDistSender(KVTransport):
+class TorchDistSender(QueuedTransport):
     """Prefill side: sends chunks to ``dst`` (a rank of the default process group)."""
+
+    thread_name = "kv-send"
 
     def __init__(self, dst: int, device: torch.device | str = "cpu") -> None:
         self.dst = dst
         self.device = torch.device(device)  # where the wire tensors live (cuda for NCCL)
-        self.sent_bytes = 0
-        self._queue: queue.Queue[KVChunk | None] = queue.Queue()
-        self._errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, name="kv-send", daemon=True)
-        self._thread.start()
-
-    def send(self, chunk: KVChunk) -> None:
-        if self._errors:
-            raise self._failure()
-        self.sent_bytes += chunk.num_bytes
-        self._queue.put(chunk)
-
-    def flush(self) -> None:
-        self._queue.join()
-        if self._errors:
-            raise self._failure()
+        super().__init__()
 
     def _failure(self) -> RuntimeError:
         error = RuntimeError(f"sending KV to rank {self.dst} failed: {self._errors[0]}")
@@ -71,26 +57,15 @@ class TorchDistSender(KVTransport):
 
     def close(self, stop_receiver: bool = False) -> None:
         """Stop the sender thread; with ``stop_receiver``, tell the decode rank's receiver too."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        super().close()
         if stop_receiver:
             dist.send(encode_header(STOP_LAYER, 0, 0, "").to(self.device), self.dst, tag=KV_TAG)
 
-    def _run(self) -> None:
-        while True:
-            chunk = self._queue.get()
-            try:
-                if chunk is None:
-                    return
-                header = encode_header(chunk.layer, chunk.start, chunk.end, chunk.transfer_id)
-                dist.send(header.to(self.device), self.dst, tag=KV_TAG)
-                dist.send(chunk.keys.contiguous().to(self.device), self.dst, tag=KV_TAG)
-                dist.send(chunk.values.contiguous().to(self.device), self.dst, tag=KV_TAG)
-            except BaseException as error:  # noqa: BLE001 (reported by send and flush)
-                self._errors.append(error)
-            finally:
-                self._queue.task_done()
+    def _deliver(self, chunk: KVChunk) -> None:
+        header = encode_header(chunk.layer, chunk.start, chunk.end, chunk.transfer_id)
+        dist.send(header.to(self.device), self.dst, tag=KV_TAG)
+        dist.send(chunk.keys.contiguous().to(self.device), self.dst, tag=KV_TAG)
+        dist.send(chunk.values.contiguous().to(self.device), self.dst, tag=KV_TAG)
 
 
 class TorchDistReceiver:

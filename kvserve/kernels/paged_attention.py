@@ -33,6 +33,48 @@ TOKENS_PER_SPLIT = 256  # a split covers at least this many tokens of the longes
 
 
 @triton.jit
+def _attend_tile(
+    q, K, V, table, start_n, key_end, query_pos, kv_head, offs_d, d_valid, m_i, l_i, acc,
+    scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Keys ``start_n .. start_n + BLOCK_N`` (those below ``key_end``) of one request, read
+    through its block table, folded into the running max ``m_i``, sum ``l_i`` and ``acc``.
+    With ``CAUSAL``, row ``r`` sees only keys at positions <= ``query_pos[r]``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < key_end
+    block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
+    slot = offs_n % BLOCK_SIZE
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(
+        K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
+        + offs_d[None, :],
+        mask=kv_mask, other=0.0,
+    )
+    # [rows, BLOCK_N], in log2 units
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if CAUSAL:
+        scores = tl.where(
+            (offs_n[None, :] <= query_pos[:, None]) & n_valid[None, :], scores, float("-inf")
+        )
+    else:
+        scores = tl.where(n_valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        V + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+        + offs_d[None, :],
+        mask=kv_mask, other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     Q, K, V, Out, block_tables, seq_lens, query_start_loc, tile_request, tile_first_query,
     scale_log2,
@@ -69,32 +111,11 @@ def _prefill_kernel(
     key_end = tl.minimum(context_before + first_query + BLOCK_M, seq_len)
     table = block_tables + request * stride_bt
     for start_n in range(0, key_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < key_end
-        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
-        slot = offs_n % BLOCK_SIZE
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(
-            K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+        m_i, l_i, acc = _attend_tile(
+            q, K, V, table, start_n, key_end, query_pos, kv_head, offs_d, d_valid, m_i, l_i,
+            acc, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
         )
-        # [BLOCK_M, BLOCK_N], in log2 units
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        visible = (offs_n[None, :] <= query_pos[:, None]) & n_valid[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         Out + (query_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -201,30 +222,11 @@ def _decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     table = block_tables + request * stride_bt
     for tile in range(tile_begin, tile_end):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seq_len
-        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
-        slot = offs_n % BLOCK_SIZE
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(
-            K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+        m_i, l_i, acc = _attend_tile(
+            q, K, V, table, tile * BLOCK_N, seq_len, offs_g, kv_head, offs_d, d_valid, m_i, l_i,
+            acc, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
         )
-        # [GROUP_PAD, BLOCK_N], in log2 units
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        scores = tl.where(n_valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])  # every tile has a valid key, so m_new is finite
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i == 0: an empty padding row
         tl.store(
