@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.analysis.cost_model import kv_bytes_per_token, matmul_weight_count, prefill_cost
 from kvserve.model.config import ModelConfig
+
+__all__ = ["kv_bytes_per_token", "matmul_weight_count"]  # re-exported for the benchmarks
 
 
 def time_cuda_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
@@ -53,31 +56,14 @@ def measure_ceilings(copy_gib: float = 2.0, matmul_n: int = 8192) -> Ceilings:
     return Ceilings(copy_rate, matmul_rate)
 
 
-def matmul_weight_count(config: ModelConfig) -> int:
-    """Weights that every token multiplies by: the layers' projections and the LM head."""
-    per_layer = config.hidden_size * (config.q_size + 2 * config.kv_size)  # qkv
-    per_layer += config.q_size * config.hidden_size  # o_proj
-    per_layer += 3 * config.hidden_size * config.intermediate_size  # gate, up, down
-    return config.num_hidden_layers * per_layer + config.vocab_size * config.hidden_size
-
-
 def decode_weight_bytes(config: ModelConfig, element_size: int) -> int:
     """Bytes of weights one decode step reads (norm weights are negligible and left out)."""
     return matmul_weight_count(config) * element_size
 
 
-def kv_bytes_per_token(config: ModelConfig, element_size: int) -> int:
-    return 2 * config.num_hidden_layers * config.kv_size * element_size
-
-
 def prefill_flops(config: ModelConfig, num_tokens: int) -> float:
-    """Model FLOPs of one prompt's prefill: projections of every token, causal attention
-    (QK^T and PV over half the square), and the LM head for the last token only."""
-    layers_weights = matmul_weight_count(config) - config.vocab_size * config.hidden_size
-    projections = 2.0 * layers_weights * num_tokens
-    attention = 2.0 * 2.0 * config.num_hidden_layers * config.q_size * num_tokens**2 / 2
-    lm_head = 2.0 * config.vocab_size * config.hidden_size
-    return projections + attention + lm_head
+    """Model FLOPs of one prompt's prefill (see ``kvserve.analysis.cost_model``)."""
+    return prefill_cost(config, num_tokens).flops
 
 
 def decode_floor_s(

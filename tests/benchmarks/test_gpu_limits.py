@@ -34,5 +34,7 @@ def test_kv_bytes_and_context_read_by_decode_steps() -> None:
 def test_prefill_flops() -> None:
     tokens = 4
     projections = 2 * 1152 * tokens  # layers' weights only
-    attention = 2 * 2 * 2 * 8 * tokens**2 / 2  # QK^T and PV, 2 layers, q 8, causal half
+    # QK^T and PV (2 FLOPs per multiply-add each), 2 layers, q 8, over the causal pairs:
+    # query i sees i + 1 keys, 1 + 2 + 3 + 4 = 10 pairs.
+    attention = 2 * 2 * 2 * 8 * 10
     assert prefill_flops(TINY, tokens) == projections + attention + 2 * 10 * 8
