@@ -33,6 +33,7 @@ class EngineConfig:
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    trace_file: str | None = None  # one JSON line per step and per finished request
 
     def __post_init__(self) -> None:
         if self.device == "auto":

@@ -76,6 +76,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     group.add_argument(
+        "--trace",
+        dest="trace_file",
+        default=None,
+        metavar="FILE",
+        help="write one JSON line per engine step and per finished request to FILE "
+        "(for kvserve analyze --trace)",
+    )
+    group.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",

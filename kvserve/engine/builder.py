@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from kvserve.analysis.trace import StepTrace
 from kvserve.attention.backend import create_backend
 from kvserve.config import EngineConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
@@ -96,8 +97,11 @@ def build_engine(config: EngineConfig) -> EngineCore:
         device,
         decode_graphs,
     )
+    trace = StepTrace(config.trace_file) if config.trace_file else None
+    if trace is not None:
+        logger.info("tracing every step and request to %s", config.trace_file)
     return EngineCore(
-        Scheduler(scheduler_config, kv_manager), runner, loaded.tokenizer, max_model_len
+        Scheduler(scheduler_config, kv_manager), runner, loaded.tokenizer, max_model_len, trace
     )
 
 

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from kvserve.analysis.trace import StepTrace, split_tokens
 from kvserve.core.request import Request
 from kvserve.core.scheduler import Scheduler
 from kvserve.engine.output_processor import OutputProcessor, StreamDelta
@@ -34,11 +35,13 @@ class EngineCore:
         runner: ModelRunner,
         tokenizer: Tokenizer,
         max_model_len: int,
+        trace: StepTrace | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.trace = trace  # --trace FILE: one JSON line per step and per finished request
         self.outputs = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self._capture_logits: set[str] = set()
@@ -105,7 +108,10 @@ class EngineCore:
         nobody holds are forgotten (this step may have registered blocks it never filled), and
         StepFailed names the requests; the engine stays usable for the others.
         """
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        if self.trace is not None:
+            prefill, decode = split_tokens(scheduled, self.scheduler)
         try:
             result = self.runner.execute(scheduled, frozenset(self._capture_logits))
         except Exception as error:
@@ -129,6 +135,12 @@ class EngineCore:
                 deltas.append(self.emit_token(request, token))
                 if request.is_finished:
                     self._capture_logits.discard(request_id)
+        if self.trace is not None and not scheduled.is_empty:
+            self.trace.step(started, time.perf_counter(), prefill, decode,
+                            self.scheduler.stats())
+            for delta in deltas:
+                if delta.finished:
+                    self.trace.request(delta.output)
         return deltas
 
     def emit_token(self, request: Request, token: SampledToken) -> StreamDelta:
