@@ -9,7 +9,9 @@ from kvserve.config import DTYPES, LOAD_FORMATS, EngineConfig
 from kvserve.sampling_params import SamplingParams
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser, trace: bool = True) -> None:
+    """The engine's flags; ``trace=False`` leaves out ``--trace FILE`` (for a command whose
+    own ``--trace`` reads a trace)."""
     group = parser.add_argument_group("engine")
     group.add_argument(
         "--model",
@@ -75,14 +77,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "default: triton on GPU, sdpa on CPU",
     )
     group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    group.add_argument(
-        "--trace",
-        dest="trace_file",
-        default=None,
-        metavar="FILE",
-        help="write one JSON line per engine step and per finished request to FILE "
-        "(for kvserve analyze --trace)",
-    )
+    if trace:
+        group.add_argument(
+            "--trace",
+            dest="trace_file",
+            default=None,
+            metavar="FILE",
+            help="write one JSON line per engine step and per finished request to FILE "
+            "(for kvserve analyze --trace)",
+        )
     group.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import sys
 
+from kvserve.cli.analyze import add_analyze_parser, run_analyze
 from kvserve.cli.args import (
     add_engine_args,
     add_sampling_args,
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_bench_parser(commands)
     add_router_parser(commands)
+    add_analyze_parser(commands)
     return parser
 
 
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "bench":
         return run_bench(args, sys.argv[1:] if argv is None else argv)
+    if args.command == "analyze":
+        try:
+            return run_analyze(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"kvserve: error: {error}", file=sys.stderr)
+            return 2
     if args.command in ("serve", "router"):
         try:
             if args.command == "router":
