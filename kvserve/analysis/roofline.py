@@ -76,9 +76,12 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(times[1:])
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype, matmul_n: int = 2048,
+def measure_ceilings(device: torch.device, dtype: torch.dtype, matmul_n: int | None = None,
                      copy_mib: int = 512, repeats: int = 5) -> Ceilings:
-    """Matmul FLOP/s in ``dtype`` on random data, and copy bandwidth (read + written)."""
+    """Matmul FLOP/s in ``dtype`` on random data, and copy bandwidth (read + written).
+    The matmul is 2048^3 on CPU and 8192^3 on a GPU (a smaller one does not fill it)."""
+    if matmul_n is None:
+        matmul_n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
     b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
     matmul_s = _median_seconds(lambda: a @ b, device, repeats)

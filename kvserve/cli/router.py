@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-import uvicorn
-
 logger = logging.getLogger("kvserve")
 
 
@@ -31,6 +29,8 @@ def add_router_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_router(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from kvserve.disagg.router import Router, build_router_app
     from kvserve.model.embedded import EMBEDDED_NAME
     from kvserve.model.source import resolve_model_source

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING
-
-import uvicorn
 
 from kvserve.cli.args import add_engine_args, engine_config_from_args
 from kvserve.model.embedded import EMBEDDED_NAME
@@ -114,6 +109,10 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         api_key=args.api_key,
         metrics=ServerMetrics(model_name=model_name),
     )
+    import uvicorn
+
+    from kvserve.cli.graceful_server import GracefulServer
+
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -123,32 +122,10 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     )
     if args.role != "colocated":
         _add_role(app, args, engine)
-    server = _GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
+    server = GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
     logger.info("serving %s on http://%s:%d/v1", model_name, args.host, args.port)
     server.run()
     return 0 if server.started else 1
-
-
-class _GracefulServer(uvicorn.Server):
-    """uvicorn's Server, draining the engine on the first SIGTERM or SIGINT.
-
-    uvicorn records a signal it handled and re-raises it after its shutdown, so the process
-    would die by it (exit code -15); this server handles the signal itself, records nothing,
-    and the command returns 0.
-    """
-
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], object]) -> None:
-        super().__init__(config)
-        self.on_exit = on_exit
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit:
-            if sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C: stop waiting
-            return
-        logger.info("%s: draining requests, then shutting down", signal.Signals(sig).name)
-        self.should_exit = True
-        self.on_exit()
 
 
 def _add_role(app: FastAPI, args: argparse.Namespace, engine: EngineCore) -> None:
