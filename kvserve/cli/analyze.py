@@ -9,8 +9,9 @@ from pathlib import Path
 
 logger = logging.getLogger("kvserve")
 DEFAULT_PREFILL = [16, 64, 256, 1024, 4096]
-DEFAULT_BATCHES = [1, 4, 16, 64, 256]
-DEFAULT_CONTEXTS = [128, 1024]
+# A GPU sweeps decode to batch 256; a CPU stops at 64 so the run stays a few minutes.
+DEFAULT_BATCHES = {"cuda": [1, 4, 16, 64, 256], "cpu": [1, 4, 16, 64]}
+DEFAULT_CONTEXTS = {"cuda": [128, 1024], "cpu": [128, 512]}
 
 
 def _ints(text: str) -> list[int]:
@@ -37,10 +38,12 @@ def add_analyze_parser(commands: argparse._SubParsersAction) -> None:
     analyze.add_argument("--prefill-lengths", type=_ints, default=None,
                          help="comma-separated prompt lengths (default 16,64,256,1024,4096, "
                          "capped at max_model_len)")
-    analyze.add_argument("--batch-sizes", type=_ints, default=DEFAULT_BATCHES,
-                         help="comma-separated decode batch sizes (default 1,4,16,64,256)")
-    analyze.add_argument("--contexts", type=_ints, default=DEFAULT_CONTEXTS,
-                         help="comma-separated decode context lengths (default 128,1024)")
+    analyze.add_argument("--batch-sizes", type=_ints, default=None,
+                         help="comma-separated decode batch sizes (default 1,4,16,64,256 on a "
+                         "GPU, 1,4,16,64 on CPU)")
+    analyze.add_argument("--contexts", type=_ints, default=None,
+                         help="comma-separated decode context lengths (default 128,1024 on a "
+                         "GPU, 128,512 on CPU)")
     add_engine_args(analyze, trace=False)
 
 
@@ -70,15 +73,26 @@ def _measure(args: argparse.Namespace, report) -> int:
     from kvserve.engine.llm import LLM
 
     config = engine_config_from_args(args)
+    kind = "cuda" if config.on_gpu else "cpu"
+    batch_sizes = args.batch_sizes or DEFAULT_BATCHES[kind]
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                if f.name != "model"}
-    options["max_num_seqs"] = max(args.batch_sizes)
+    options["max_num_seqs"] = max(batch_sizes)
     llm = LLM(config.model, **options)
-    max_len = int(llm.get_stats()["max_model_len"])
+    stats = llm.get_stats()
+    max_len = int(stats["max_model_len"])
+    pool = int(stats["kv_blocks_total"]) * int(stats["block_size"])
     lengths = [n for n in (args.prefill_lengths or DEFAULT_PREFILL) if n < max_len] or [
         max_len - 1
     ]
-    contexts = [c for c in args.contexts if c + 16 < max_len]
+    contexts = [c for c in (args.contexts or DEFAULT_CONTEXTS[kind]) if c + 16 < max_len]
+    too_big = [(b, c) for c in contexts for b in batch_sizes if b * (c + 16) > pool]
+    if too_big:
+        raise ValueError(
+            f"decode points {too_big} (batch, context) do not fit the KV pool of {pool} tokens: "
+            "raise --kv-cache-memory or lower --batch-sizes / --contexts"
+        )
+    args.batch_sizes = batch_sizes
     runner = llm.engine.runner
     dtype = runner.kv_cache.layers[0][0].dtype
     total = len(lengths) + len(contexts) * len(args.batch_sizes)

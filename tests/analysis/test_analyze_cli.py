@@ -59,3 +59,10 @@ def test_an_empty_trace_is_a_clear_error(tmp_path: Path, capsys) -> None:
     trace.write_text("")
     assert main(["analyze", "--trace", str(trace), "--out", str(tmp_path)]) == 2
     assert "has no step lines" in capsys.readouterr().err
+
+
+def test_decode_points_that_cannot_fit_the_pool_are_refused_up_front(tmp_path: Path, capsys):
+    argv = ["analyze", "--out", str(tmp_path), "--dtype", "float32", "--kv-cache-memory",
+            "16MiB", "--batch-sizes", "8", "--contexts", "128"]
+    assert main(argv) == 2
+    assert "do not fit the KV pool" in capsys.readouterr().err

@@ -31,3 +31,7 @@ def test_bench_trace_lines_add_up(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert sum(s["decode_tokens"] for s in steps) == sum(r["output_tokens"] - 1 for r in requests)
     assert all(r["queue_s"] >= 0 and r["ttft_s"] >= r["queue_s"] for r in requests)
     assert all(0.0 <= s["kv_usage"] <= 1.0 and s["duration_s"] > 0 for s in steps)
+    out = tmp_path / "plots"
+    assert main(["analyze", "--trace", str(trace), "--out", str(out)]) == 0
+    assert (out / "timeline.png").stat().st_size > 10_000
+    assert (out / "latency.png").stat().st_size > 10_000
