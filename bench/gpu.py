@@ -102,9 +102,11 @@ def verdict(value: float, needed: float) -> str:
 
 def section_ceilings(args: argparse.Namespace) -> Ceilings:
     ceilings = measure_ceilings()
-    results["ceilings"] = vars(ceilings) | {"gpu": torch.cuda.get_device_name()}
-    row("copy bandwidth (read+write)", f"{ceilings.copy_bytes_per_s / 1e12:.2f} TB/s")
-    row("bf16 matmul 8192^3, random", f"{ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s")
+    results["ceilings"] = {"copy_bytes_per_s": ceilings.bytes_per_s,
+                           "matmul_flops_per_s": ceilings.flops_per_s,
+                           "gpu": torch.cuda.get_device_name()}
+    row("copy bandwidth (read+write)", f"{ceilings.bytes_per_s / 1e12:.2f} TB/s")
+    row("bf16 matmul 8192^3, random", f"{ceilings.flops_per_s / 1e12:.0f} TFLOP/s")
     return ceilings
 
 
@@ -231,7 +233,7 @@ def section_llama8b(args: argparse.Namespace, ceilings: Ceilings) -> None:
     )
     mean_context = 512 + new_tokens / 2
     step_bytes = decode_weight_bytes(config, 2) + kv_bytes_per_token(config, 2) * mean_context
-    floor = ceilings.copy_bytes_per_s / step_bytes
+    floor = ceilings.bytes_per_s / step_bytes
     step_ms, replay_ms = decode_host_gap(llm, ours)
     # Prefill of one 2048-token prompt: distinct prompts, so nothing comes from the cache.
     times = []
@@ -243,7 +245,7 @@ def section_llama8b(args: argparse.Namespace, ceilings: Ceilings) -> None:
         llm.generate([long_prompt], bench_params(1), use_tqdm=False)
         times.append(time.perf_counter() - start)
     prefill_s = statistics.median(times)
-    mfu = prefill_flops(config, 2048) / prefill_s / ceilings.matmul_flops_per_s
+    mfu = prefill_flops(config, 2048) / prefill_s / ceilings.flops_per_s
     del llm
     free_gpu()
     hf = hf_model_from_config(config, None, torch.bfloat16, "cuda")
@@ -283,7 +285,7 @@ def section_qwen3(args: argparse.Namespace, ceilings: Ceilings) -> None:
         config, 2, result.num_steps,
         decode_context_tokens([len(r.prompt_token_ids) for r in requests],
                               [r.output_len for r in requests]),
-        ceilings.copy_bytes_per_s,
+        ceilings.bytes_per_s,
     )
     del llm
     free_gpu()

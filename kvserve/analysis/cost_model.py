@@ -19,6 +19,19 @@ from kvserve.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
+class Ceilings:
+    """A machine's two roofs, measured: matmul FLOP/s and copy bandwidth (read + written)."""
+
+    flops_per_s: float
+    bytes_per_s: float
+
+    @property
+    def ridge(self) -> float:
+        """The intensity (FLOPs per byte) where the two roofs meet."""
+        return self.flops_per_s / self.bytes_per_s
+
+
+@dataclass(frozen=True)
 class StepCost:
     flops: float
     bytes: float

@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvserve.analysis.cost_model import decode_cost  # noqa: E402
-from kvserve.analysis.roofline import Ceilings, Point  # noqa: E402
+from kvserve.analysis.cost_model import Ceilings, decode_cost  # noqa: E402
+from kvserve.analysis.roofline import Point  # noqa: E402
 from kvserve.model.config import ModelConfig  # noqa: E402
 
 MAX_CROSSOVER_BATCH = 1 << 16

@@ -17,20 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvserve.analysis.cost_model import StepCost, decode_cost, prefill_cost
+from kvserve.analysis.cost_model import Ceilings, StepCost, decode_cost, prefill_cost
 from kvserve.benchmarks.driver import bench_params
 from kvserve.engine.llm import LLM
-
-
-@dataclass(frozen=True)
-class Ceilings:
-    flops_per_s: float
-    bytes_per_s: float
-
-    @property
-    def ridge(self) -> float:
-        """The intensity (FLOPs per byte) where the two roofs meet."""
-        return self.flops_per_s / self.bytes_per_s
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,16 @@ and the bytes and FLOPs a step of a model must move or compute.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 
 import torch
 
-from kvserve.analysis.cost_model import kv_bytes_per_token, matmul_weight_count, prefill_cost
+from kvserve.analysis.cost_model import (
+    Ceilings,
+    kv_bytes_per_token,
+    matmul_weight_count,
+    prefill_cost,
+)
 from kvserve.model.config import ModelConfig
-
-__all__ = ["kv_bytes_per_token", "matmul_weight_count"]  # re-exported for the benchmarks
 
 
 def time_cuda_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
@@ -36,14 +38,9 @@ def time_cuda_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-@dataclass(frozen=True)
-class Ceilings:
-    copy_bytes_per_s: float  # read + written
-    matmul_flops_per_s: float  # bf16, random data
-
-
 def measure_ceilings(copy_gib: float = 2.0, matmul_n: int = 8192) -> Ceilings:
-    """Measure both ceilings on the current CUDA device."""
+    """Measure both ceilings on the current CUDA device (bf16 matmul on random data, timed with
+    CUDA events)."""
     numel = int(copy_gib * 2**30) // 2
     source = torch.randn(numel, dtype=torch.bfloat16, device="cuda")
     target = torch.empty_like(source)
@@ -53,7 +50,7 @@ def measure_ceilings(copy_gib: float = 2.0, matmul_n: int = 8192) -> Ceilings:
     b = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device="cuda")
     matmul_ms = time_cuda_ms(lambda: a @ b, repeats=10)
     matmul_rate = 2 * matmul_n**3 / (matmul_ms / 1e3)
-    return Ceilings(copy_rate, matmul_rate)
+    return Ceilings(flops_per_s=matmul_rate, bytes_per_s=copy_rate)
 
 
 def decode_weight_bytes(config: ModelConfig, element_size: int) -> int:

@@ -35,6 +35,14 @@ from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.model_runner import SampledToken
 
 
+def first_token_params(params: SamplingParams) -> SamplingParams:
+    """What the prefill engine samples the first token with: the request's own sampling, one
+    token, end-of-sequence not checked (the decode engine decides when the request ends)."""
+    return SamplingParams(max_tokens=1, temperature=params.temperature, top_k=params.top_k,
+                          top_p=params.top_p, min_p=params.min_p, seed=params.seed,
+                          ignore_eos=True)
+
+
 def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
     """Cache slots (block * block_size + offset) of positions ``start..end``."""
     positions = torch.arange(start, end)
@@ -54,8 +62,8 @@ class _StepRange:
 class KVSaver:
     """Prefill side: sends each layer's new K/V of the requests that have a plan."""
 
-    def __init__(self, transport: KVTransport, kv_cache: PagedKVCache) -> None:
-        self.transport = transport
+    def __init__(self, transport: KVTransport | None, kv_cache: PagedKVCache) -> None:
+        self.transport = transport  # None: every plan brings its own (one per decode engine)
         self.kv_cache = kv_cache
         self._plans: dict[str, TransferPlan] = {}
         self._sent_upto: dict[str, int] = {}
@@ -68,9 +76,12 @@ class KVSaver:
     ) -> None:
         """Send ``request_id``'s K/V as ``plan`` says, through ``transport`` (default: the
         saver's own; a prefill engine serving several decode engines has one per engine)."""
+        transport = transport or self.transport
+        if transport is None:
+            raise ValueError(f"the KV plan of {request_id!r} names no transport")
         self._plans[request_id] = plan
         self._sent_upto[request_id] = plan.skip_tokens
-        self._transports[request_id] = transport or self.transport
+        self._transports[request_id] = transport
 
     def is_done(self, request_id: str) -> bool:
         """True once every planned token of the request has been handed to the transport."""

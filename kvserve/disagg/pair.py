@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvserve.disagg.connector import KVLoader, KVSaver
+from kvserve.disagg.connector import KVLoader, KVSaver, first_token_params
 from kvserve.disagg.transfer import TransferPlan
 from kvserve.disagg.transport import InProcessTransport, KVTransport
 from kvserve.engine.llm import LLM, Prompt
@@ -53,11 +53,7 @@ class DisaggregatedPair:
         self, prompt_ids: list[int], params: SamplingParams, plan: TransferPlan
     ) -> SampledToken:
         engine = self.prefill.engine
-        first_params = SamplingParams(
-            max_tokens=1, temperature=params.temperature, top_k=params.top_k,
-            top_p=params.top_p, min_p=params.min_p, seed=params.seed, ignore_eos=True,
-        )
-        request = engine.new_request(prompt_ids, first_params)
+        request = engine.new_request(prompt_ids, first_token_params(params))
         request.hold_kv = True  # blocks stay until every layer has been sent
         self.saver.add(request.request_id, plan)
         output = engine.add_request(request)

@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kvserve.disagg.connector import KVLoader, KVSaver
+from kvserve.disagg.connector import KVLoader, KVSaver, first_token_params
 from kvserve.disagg.metrics import KVTransferStats
 from kvserve.disagg.transfer import TransferPlan
 from kvserve.disagg.transport import KVTransport
@@ -119,10 +119,7 @@ def add_prefill_routes(
         prompt_ids = [int(t) for t in body["prompt_token_ids"]]
         plan = TransferPlan(str(body["transfer_id"]), int(body["num_tokens"]),
                             int(body["skip_tokens"]))
-        params = sampling_from(body)
-        first_params = SamplingParams(max_tokens=1, temperature=params.temperature,
-                                      top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                                      seed=params.seed, ignore_eos=True)
+        first_params = first_token_params(sampling_from(body))
         sender = sender_for(int(body["kv_rank"]))
 
         def start(core: EngineCore):

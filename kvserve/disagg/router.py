@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from kvserve.model.tokenizer import Tokenizer
+from kvserve.server import sse
+from kvserve.server.serving import new_id, unix_time
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
                  "stop", "presence_penalty", "frequency_penalty", "min_tokens")
@@ -178,11 +179,11 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
         except RouterError as error:
             router.requests.labels("error").inc()
             return _error(error.status, str(error))
-        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        response_id = new_id("chatcmpl" if chat else "cmpl")
         lines = router.tokens(decode, plan, first)
         if body.get("stream"):
             return StreamingResponse(_sse(lines, response_id, model_name, chat),
-                                     media_type="text/event-stream")
+                                     media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         text, token_ids, finish_reason = "", [], None
         try:
             async for line in lines:
@@ -201,7 +202,7 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
                       "logprobs": None, "token_ids": token_ids}
         return JSONResponse({
             "id": response_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model_name, "choices": [choice],
+            "created": unix_time(), "model": model_name, "choices": [choice],
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(token_ids),
                       "total_tokens": len(prompt_ids) + len(token_ids)},
         })
@@ -211,7 +212,7 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
 
 async def _sse(
     lines: AsyncIterator[dict], response_id: str, model: str, chat: bool
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     try:
         async for line in lines:
             if chat:
@@ -220,13 +221,13 @@ async def _sse(
             else:
                 choice = {"index": 0, "text": line["text"],
                           "finish_reason": line["finish_reason"], "logprobs": None}
-            chunk = {"id": response_id, "model": model, "created": int(time.time()),
+            chunk = {"id": response_id, "model": model, "created": unix_time(),
                      "object": "chat.completion.chunk" if chat else "text_completion",
                      "choices": [choice]}
-            yield f"data: {json.dumps(chunk)}\n\n"
+            yield sse.event(chunk)
     except RouterError as error:
-        yield f"data: {json.dumps({'error': {'message': str(error), 'code': error.status}})}\n\n"
-    yield "data: [DONE]\n\n"
+        yield sse.event({"error": {"message": str(error), "code": error.status}})
+    yield sse.DONE
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -35,26 +35,13 @@ class PrefillEndpoint:
 
     def __init__(self, engine: EngineCore) -> None:
         self._senders: dict[int, TorchDistSender] = {}
-        self.saver = KVSaver(_Unset(), engine.runner.kv_cache)
+        self.saver = KVSaver(None, engine.runner.kv_cache)  # each plan names its sender
         engine.runner.kv_saver = self.saver
 
     def sender_for(self, rank: int) -> KVTransport:
         if rank not in self._senders:
             self._senders[rank] = TorchDistSender(dst=rank)
         return self._senders[rank]
-
-
-class _Unset(KVTransport):
-    """The saver's default transport: every plan names its decode rank's sender instead."""
-
-    def send(self, chunk) -> None:
-        raise RuntimeError("a KV plan was added without the transport of its decode rank")
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def decode_endpoint(engine: EngineCore) -> tuple[KVLoader, TorchDistReceiver]:
