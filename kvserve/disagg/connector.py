@@ -195,6 +195,10 @@ class KVLoader:
             reservation.received[chunk.layer] += chunk.end - chunk.start
             self.received_bytes += chunk.num_bytes
 
+    def has(self, transfer_id: str) -> bool:
+        with self._lock:
+            return transfer_id in self._reservations
+
     def is_complete(self, transfer_id: str) -> bool:
         with self._lock:
             reservation = self._reservations[transfer_id]

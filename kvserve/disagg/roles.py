@@ -10,7 +10,8 @@ The router drives a request through them in three calls:
    arrived it admits the request and streams its tokens as JSON lines (``token_ids``, ``text``,
    ``finished``, ``finish_reason``), which the router turns into OpenAI responses.
 A plan the decode engine never receives in full is cancelled after ``TRANSFER_TIMEOUT_S`` and
-its blocks freed; a failed prefill frees the prefill engine's blocks and answers 502.
+its blocks freed; a failed prefill frees the prefill engine's blocks and answers 502. A body
+with a missing or malformed field is a 400 naming the field (OpenAI's error shape).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kvserve.disagg.transport import KVTransport
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.engine.engine_core import EngineCore
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.errors import APIError, invalid_request
 from kvserve.worker.model_runner import SampledToken
 
 TRANSFER_TIMEOUT_S = 30.0
@@ -38,8 +40,40 @@ POLL_S = 0.001
 
 
 def sampling_from(body: dict[str, Any]) -> SamplingParams:
-    """The request's sampling parameters (SamplingParams' own names and checks)."""
-    return SamplingParams(**body.get("sampling", {}))
+    """The request's sampling parameters (SamplingParams' own names and checks); a bad one is
+    a 400 naming it."""
+    sampling = body.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise invalid_request("sampling must be an object of SamplingParams fields",
+                              param="sampling")
+    try:
+        return SamplingParams(**sampling)
+    except (TypeError, ValueError) as error:
+        raise invalid_request(f"sampling: {error}", param="sampling") from error
+
+
+def int_field(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid_request(f"{name} is required and must be an integer, got {value!r}",
+                              param=name)
+    return value
+
+
+def token_ids_field(body: dict[str, Any], name: str) -> list[int]:
+    value = body.get(name)
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise invalid_request(f"{name} is required and must be a list of token ids", param=name)
+    return value
+
+
+def str_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise invalid_request(f"{name} is required and must be a string", param=name)
+    return value
 
 
 def add_decode_routes(
@@ -50,7 +84,7 @@ def add_decode_routes(
 
     @router.post("/reserve")
     async def reserve(body: dict[str, Any]) -> JSONResponse:
-        prompt_ids = [int(t) for t in body["prompt_token_ids"]]
+        prompt_ids = token_ids_field(body, "prompt_token_ids")
         params = sampling_from(body)
         try:
             plan = await engine.call(lambda core: loader.reserve(prompt_ids, params))
@@ -62,8 +96,10 @@ def add_decode_routes(
 
     @router.post("/continue")
     async def continue_(body: dict[str, Any]) -> Any:
-        transfer_id = str(body["transfer_id"])
-        first = SampledToken(int(body["first_token_id"]))
+        transfer_id = str_field(body, "transfer_id")
+        first = SampledToken(int_field(body, "first_token_id"))
+        if not loader.has(transfer_id):
+            raise APIError(404, f"no reservation {transfer_id!r}", param="transfer_id")
         waiting_since = time.monotonic()
         deadline = waiting_since + TRANSFER_TIMEOUT_S
         while not loader.is_complete(transfer_id):
@@ -83,7 +119,7 @@ def add_decode_routes(
 
     @router.post("/cancel")
     async def cancel(body: dict[str, Any]) -> JSONResponse:
-        transfer_id = str(body["transfer_id"])
+        transfer_id = str_field(body, "transfer_id")
         await engine.call(lambda core: loader.cancel(transfer_id))
         reserved_at.pop(transfer_id, None)
         stats.add(failures=1)
@@ -116,11 +152,21 @@ def add_prefill_routes(
 
     @router.post("/prefill")
     async def prefill(body: dict[str, Any]) -> JSONResponse:
-        prompt_ids = [int(t) for t in body["prompt_token_ids"]]
-        plan = TransferPlan(str(body["transfer_id"]), int(body["num_tokens"]),
-                            int(body["skip_tokens"]))
+        prompt_ids = token_ids_field(body, "prompt_token_ids")
+        num_tokens = int_field(body, "num_tokens")
+        if num_tokens != len(prompt_ids):
+            raise invalid_request(f"num_tokens={num_tokens} but prompt_token_ids has "
+                                  f"{len(prompt_ids)} tokens", param="num_tokens")
+        try:
+            plan = TransferPlan(str_field(body, "transfer_id"), num_tokens,
+                                int_field(body, "skip_tokens"))
+        except ValueError as error:
+            raise invalid_request(str(error), param="skip_tokens") from error
         first_params = first_token_params(sampling_from(body))
-        sender = sender_for(int(body["kv_rank"]))
+        try:
+            sender = sender_for(int_field(body, "kv_rank"))
+        except ValueError as error:
+            raise invalid_request(str(error), param="kv_rank") from error
 
         def start(core: EngineCore):
             request = core.new_request(prompt_ids, first_params)

@@ -16,18 +16,29 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import jinja2
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.server import sse
+from kvserve.server.errors import install_error_handlers
 from kvserve.server.serving import new_id, unix_time
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
                  "stop", "presence_penalty", "frequency_penalty", "min_tokens")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_DOWN_S = 10.0  # a decode engine found unreachable is skipped this long
+
+
+def error_message(reply: httpx.Response) -> str:
+    """The message of an engine's error reply: ``{"error": "..."}`` or OpenAI's shape."""
+    try:
+        error = reply.json().get("error", reply.text)
+    except ValueError:
+        return reply.text
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error)
 
 
 class RouterError(Exception):
@@ -85,7 +96,7 @@ class Router:
             self.mark_down(decode)
             raise RouterError(502, f"decode engine {decode} is unreachable: {error}") from error
         if reply.status_code != 200:
-            raise RouterError(400, reply.json().get("error", reply.text))
+            raise RouterError(400, error_message(reply))
         self.down.pop(decode, None)
         plan = reply.json()
         reserved = time.perf_counter()
@@ -95,7 +106,7 @@ class Router:
             done = await self.client.post(f"{prefill}/kv/prefill",
                                           json={**plan, "prompt_token_ids": prompt_ids,
                                                 "sampling": sampling})
-            failed = None if done.status_code == 200 else done.json().get("error", done.text)
+            failed = None if done.status_code == 200 else error_message(done)
         except httpx.TransportError as error:
             failed = f"prefill engine {prefill} is unreachable: {error}"
         if failed is not None:
@@ -118,7 +129,7 @@ class Router:
             async with self.client.stream("POST", f"{decode}/kv/continue", json=body) as reply:
                 if reply.status_code != 200:
                     await reply.aread()
-                    raise RouterError(502, reply.json().get("error", reply.text))
+                    raise RouterError(502, error_message(reply))
                 async for line in reply.aiter_lines():
                     if line:
                         if first_line_at is None:
@@ -134,6 +145,7 @@ class Router:
 
 def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> FastAPI:
     app = FastAPI(title="kvserve router")
+    install_error_handlers(app)  # a malformed body is a 400 in OpenAI's error shape
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -165,7 +177,7 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
             return _error(400, "messages must be a non-empty list")
         try:
             prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except (ValueError, TypeError, KeyError) as error:
+        except (ValueError, TypeError, KeyError, jinja2.TemplateError) as error:
             return _error(400, f"messages: {error}")
         return await respond(body, prompt_ids, chat=True)
 

@@ -39,6 +39,11 @@ class PrefillEndpoint:
         engine.runner.kv_saver = self.saver
 
     def sender_for(self, rank: int) -> KVTransport:
+        """The sender to decode rank ``rank``; ValueError for a rank outside the world or this
+        engine's own."""
+        if not 0 <= rank < dist.get_world_size() or rank == dist.get_rank():
+            raise ValueError(f"kv_rank {rank} is not another rank of the KV world "
+                             f"(size {dist.get_world_size()}, this engine is {dist.get_rank()})")
         if rank not in self._senders:
             self._senders[rank] = TorchDistSender(dst=rank)
         return self._senders[rank]

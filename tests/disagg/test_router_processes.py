@@ -191,3 +191,36 @@ def test_chat_completion_equals_the_colocated_chat(disaggregated, colocated: LLM
     body = reply.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected_text}
+
+
+def test_bad_input_gets_a_clear_error_and_leaks_nothing(disaggregated) -> None:
+    router = disaggregated["router"] + "/v1/completions"
+    cases = [
+        ({"prompt": []}, "prompt must be a string or a non-empty list"),
+        ({"prompt": [5, 6, 10**9], "max_tokens": 4}, "outside the vocabulary"),
+        ({"prompt": [5, 6], "max_tokens": -1}, "max_tokens"),
+    ]
+    for body, text in cases:
+        reply = httpx.post(router, json=body, timeout=60)
+        assert reply.status_code == 400, reply.text
+        assert text in reply.json()["error"]["message"]
+    decode, prefill = disaggregated["decode"], disaggregated["prefill"]
+    reply = httpx.post(decode + "/kv/reserve", json={"prompt_token_ids": "abc"}, timeout=10)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "prompt_token_ids"
+    reply = httpx.post(decode + "/kv/continue", json={"transfer_id": "nope",
+                                                      "first_token_id": 1}, timeout=10)
+    assert reply.status_code == 404
+    assert reply.json()["error"]["param"] == "transfer_id"
+    own_rank = {"prompt_token_ids": [5, 6], "transfer_id": "t", "num_tokens": 2,
+                "skip_tokens": 0, "kv_rank": 0}
+    reply = httpx.post(prefill + "/kv/prefill", json=own_rank, timeout=10)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "kv_rank"
+    reply = httpx.post(prefill + "/kv/prefill", json={**own_rank, "num_tokens": 3}, timeout=10)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "num_tokens"
+    for role in ("prefill", "decode"):
+        stats = httpx.get(disaggregated[role] + "/v1/stats", timeout=10).json()
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"], (role, stats)
+        assert stats["num_running"] == stats["num_waiting"] == 0, (role, stats)
