@@ -37,7 +37,8 @@ def decode_setup(name: str, seq_lens: list[int]):
     config = resolve_dummy_config(name)
     device = torch.device("cuda")
     model = LlamaForCausalLM.from_weights(
-        config, dummy_weights(config, device=device, dtype=torch.bfloat16), torch.bfloat16, device
+        config, dummy_weights(config, device=device, dtype=torch.bfloat16), torch.bfloat16, device,
+        fused_ops=True,  # the engine's GPU path with Triton attention
     )
     num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens) + 8
     cache = allocate_kv_cache(

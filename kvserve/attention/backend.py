@@ -1,9 +1,11 @@
-"""The attention backend interface, the shared K/V store, and the backend registry."""
+"""The attention backend interface, the shared K/V store, and the table of backends by name."""
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 
@@ -50,29 +52,30 @@ def store_kv(
     flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-_REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
-
-
-def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
-    _REGISTRY[name] = factory
-
-
-def create_backend(name: str) -> AttentionBackend:
-    """Instantiate a registered backend by name."""
-    _import_builtin_backends()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name]()
+# name -> (module, class): each backend module is imported only when its backend is created.
+BACKENDS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "torch": ("kvserve.attention.torch_reference", "TorchReferenceBackend"),
+    "sdpa": ("kvserve.attention.torch_sdpa", "TorchSDPABackend"),
+    "triton": ("kvserve.attention.triton_backend", "TritonBackend"),
+})
+_NEEDS_TRITON = frozenset({"triton"})
 
 
 def available_backends() -> list[str]:
-    _import_builtin_backends()
-    return sorted(_REGISTRY)
+    """The backend names usable here: ``triton`` only when Triton is installed."""
+    return sorted(name for name in BACKENDS if HAS_TRITON or name not in _NEEDS_TRITON)
 
 
-def _import_builtin_backends() -> None:
-    import kvserve.attention.torch_reference  # noqa: F401  (registers itself)
-    import kvserve.attention.torch_sdpa  # noqa: F401
-
-    if HAS_TRITON:
-        import kvserve.attention.triton_backend  # noqa: F401
+def create_backend(name: str) -> AttentionBackend:
+    """Import the backend module named ``name`` in ``BACKENDS`` and instantiate its class."""
+    choices = available_backends()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {choices}")
+    if name not in choices:
+        raise ValueError(
+            f"attention backend {name!r} needs the triton package, which is not installed; "
+            f"choose one of {choices}"
+        )
+    module_name, class_name = BACKENDS[name]
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    return backend_class()

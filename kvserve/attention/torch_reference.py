@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvserve.attention.backend import AttentionBackend, register_backend, store_kv
+from kvserve.attention.backend import AttentionBackend, store_kv
 from kvserve.attention.metadata import AttentionMetadata
 
 
@@ -79,5 +79,3 @@ def causal_attention(
     )
     return out.squeeze(0).transpose(0, 1)  # [query_len, num_heads, head_dim]
 
-
-register_backend(TorchReferenceBackend.name, TorchReferenceBackend)

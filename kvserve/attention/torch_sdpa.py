@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvserve.attention.backend import AttentionBackend, register_backend, store_kv
+from kvserve.attention.backend import AttentionBackend, store_kv
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.torch_reference import causal_attention, gather_context
 
@@ -124,5 +124,3 @@ def _causal_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     )
     return out.squeeze(0).transpose(0, 1)
 
-
-register_backend(TorchSDPABackend.name, TorchSDPABackend)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.attention.backend import AttentionBackend, register_backend
+from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kernels.availability import interpreter_on
 from kvserve.kernels.kv_store import store_kv
@@ -25,6 +25,9 @@ CPU_INTERPRETER_SMS = 4  # what decode_splits assumes when the kernels run on th
 
 
 class TritonBackend(AttentionBackend):
+    """Paged attention and the K/V store in Triton kernels, for whatever tensors it is given:
+    CUDA tensors, or CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1``)."""
+
     name = "triton"
 
     def __init__(self) -> None:
@@ -70,5 +73,3 @@ class TritonBackend(AttentionBackend):
             tiles=self._tiles[1],
         )
 
-
-register_backend(TritonBackend.name, TritonBackend)

@@ -1,4 +1,8 @@
-"""Building blocks of a Llama-family decoder layer: RMSNorm, rotary embedding, gated MLP."""
+"""Building blocks of a Llama-family decoder layer: RMSNorm, rotary embedding, gated MLP.
+
+Each takes ``fused_ops`` when built: True runs its Triton kernel (CUDA tensors, or CPU tensors
+under Triton's interpreter), False its PyTorch ops. The kernel modules are imported only then.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.kernels.availability import triton_enabled
 from kvserve.model.config import RopeScaling
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as the reference implementations do."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, fused_ops: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused_ops = fused_ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``; with ``residual``, ``s = x + residual`` and ``(norm(s), s)``."""
-        if triton_enabled(x):
+        if self.fused_ops:
             from kvserve.kernels.fused_ops import rms_norm
 
             out, summed = rms_norm(
@@ -56,10 +60,12 @@ class RotaryEmbedding(nn.Module):
         max_positions: int,
         base: float,
         scaling: RopeScaling | None,
+        fused_ops: bool = False,
     ) -> None:
         super().__init__()
         self.head_dim, self.max_positions = head_dim, max_positions
         self.base, self.scaling = base, scaling
+        self.fused_ops = fused_ops
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_tables(torch.device("cpu"))
@@ -84,7 +90,7 @@ class RotaryEmbedding(nn.Module):
         Callers pass q and k heads together (one pass instead of two). On the Triton path the
         rotation is written back into ``heads`` (a view into the fused qkv output).
         """
-        if triton_enabled(heads):
+        if self.fused_ops:
             from kvserve.kernels.fused_ops import rotary_in_place
 
             return rotary_in_place(heads, positions, self.cos, self.sin)
@@ -116,15 +122,16 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling | None) -> torc
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with gate and up in one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, fused_ops: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.intermediate_size = intermediate_size
+        self.fused_ops = fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
-        if triton_enabled(gate_up):
+        if self.fused_ops:
             from kvserve.kernels.fused_ops import silu_and_mul
 
             return self.down_proj(silu_and_mul(gate_up))

@@ -3,6 +3,8 @@
 The families differ only in ModelConfig flags (QKV bias, Q/K RMSNorm, tied embeddings, rope
 scaling). The forward pass takes the step's flattened tokens, their absolute positions, the
 layer-wise paged KV cache and the attention metadata as explicit arguments: no global state.
+Whether the norms, rotary embedding and MLP activation run as fused Triton kernels is fixed
+when the model is built (``fused_ops``), not looked up per call.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import AttentionMetadata
+from kvserve.kernels.availability import HAS_TRITON
 from kvserve.model.config import ModelConfig
 from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 
@@ -23,7 +26,7 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cac
 class Attention(nn.Module):
     """Grouped-query self-attention over the paged KV cache."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, fused_ops: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -34,8 +37,12 @@ class Attention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = (
+            RMSNorm(config.head_dim, config.rms_norm_eps, fused_ops) if config.qk_norm else None
+        )
+        self.k_norm = (
+            RMSNorm(config.head_dim, config.rms_norm_eps, fused_ops) if config.qk_norm else None
+        )
         self.rotary = rotary
 
     def forward(
@@ -64,12 +71,12 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention block followed by a pre-norm gated MLP block."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, fused_ops: bool) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_ops)
+        self.self_attn = Attention(config, rotary, fused_ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_ops)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, fused_ops)
 
     def forward(
         self,
@@ -94,22 +101,30 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Decoder stack plus LM head. ``forward`` returns hidden states; ``compute_logits`` the
-    float32 logits of the rows asked for (the last token of each request, in practice)."""
+    float32 logits of the rows asked for (the last token of each request, in practice).
 
-    def __init__(self, config: ModelConfig) -> None:
+    ``fused_ops=True`` runs RMSNorm, rotary and SiLU-and-mul as Triton kernels: for CUDA
+    tensors, or CPU tensors under Triton's interpreter. It needs the triton package.
+    """
+
+    def __init__(self, config: ModelConfig, *, fused_ops: bool = False) -> None:
         super().__init__()
+        if fused_ops and not HAS_TRITON:
+            raise ValueError("fused_ops=True needs the triton package; build with fused_ops=False")
         self.config = config
+        self.fused_ops = fused_ops
         self.rotary = rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
             config.rope_theta,
             config.rope_scaling,
+            fused_ops,
         )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, rotary, fused_ops) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_ops)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -148,10 +163,12 @@ class LlamaForCausalLM(nn.Module):
         weights: dict[str, torch.Tensor],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        *,
+        fused_ops: bool = False,
     ) -> LlamaForCausalLM:
         """Build without random initialisation, load checked weights, cast to ``dtype``."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, fused_ops=fused_ops)
         model.to(dtype)  # on meta: parameters are then allocated in dtype, never in float32
         model.to_empty(device=device)
         model.load_hf_weights(weights)  # copy_ casts

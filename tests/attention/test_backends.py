@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
 
-from kvserve.attention.backend import available_backends, create_backend, store_kv
+from kvserve.attention import backend as backend_module
+from kvserve.attention.backend import BACKENDS, available_backends, create_backend, store_kv
 from kvserve.attention.metadata import build_attention_metadata
-from kvserve.kernels.availability import HAS_TRITON, run_on_cpu
+from kvserve.kernels.availability import HAS_TRITON, interpreter_on
 
 BLOCK_SIZE = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -28,15 +28,15 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def backend_context(backend_name: str) -> contextlib.AbstractContextManager:
-    """The Triton backend runs these CPU tensors under Triton's interpreter."""
+def skip_unless_runnable(backend_name: str) -> None:
+    """The Triton backend runs these CPU tensors under Triton's interpreter, or is skipped."""
     if backend_name != "triton":
-        return contextlib.nullcontext()
+        return
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     if torch.cuda.is_available():
         pytest.skip("CPU-interpreter check; on a GPU, tests/kernels covers the Triton backend")
-    return run_on_cpu()
+    assert interpreter_on(), "tests/conftest.py turns on TRITON_INTERPRET=1 without a GPU"
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "sdpa", "triton"])
@@ -55,9 +55,9 @@ def backend_context(backend_name: str) -> contextlib.AbstractContextManager:
 def test_paged_attention_matches_naive(
     backend_name: str, query_lens: list[int], seq_lens: list[int]
 ) -> None:
+    skip_unless_runnable(backend_name)
     torch.manual_seed(0)
-    with backend_context(backend_name):
-        backend = create_backend(backend_name)
+    backend = create_backend(backend_name)
     num_blocks = 32
     k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, DIM)
     v_cache = torch.zeros_like(k_cache)
@@ -96,8 +96,7 @@ def test_paged_attention_matches_naive(
         [v[s - q :] for (_, v), q, s in zip(contexts, query_lens, seq_lens, strict=True)]
     )
     query = torch.randn(sum(query_lens), HEADS, DIM)
-    with backend_context(backend_name):
-        out = backend.forward(query, new_k, new_v, k_cache, v_cache, metadata, DIM**-0.5)
+    out = backend.forward(query, new_k, new_v, k_cache, v_cache, metadata, DIM**-0.5)
 
     start = 0
     for (k, v), q_len in zip(contexts, query_lens, strict=True):
@@ -119,5 +118,16 @@ def test_metadata_rejects_too_few_blocks() -> None:
 
 def test_unknown_backend_names_the_choices() -> None:
     assert {"torch", "sdpa"} <= set(available_backends())
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+    assert ("triton" in available_backends()) == HAS_TRITON
+    with pytest.raises(ValueError, match=r"unknown attention backend 'nope'; choose one of \["):
         create_backend("nope")
+
+
+def test_backends_are_built_from_the_name_table() -> None:
+    """Each name maps to a module and class; nothing registers itself into a global dict."""
+    assert set(BACKENDS) == {"torch", "sdpa", "triton"}
+    assert type(create_backend("torch")).__name__ == BACKENDS["torch"][1]
+    assert type(create_backend("sdpa")).__name__ == BACKENDS["sdpa"][1]
+    assert not hasattr(backend_module, "register_backend")
+    with pytest.raises(TypeError):
+        BACKENDS["mine"] = ("my.module", "MyBackend")  # type: ignore[index]

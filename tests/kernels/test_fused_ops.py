@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.attention.backend import store_kv as torch_store_kv
-from kvserve.model.layers import RMSNorm, RotaryEmbedding
+from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from tests.kernels.conftest import KernelTarget, relative_error
 
 
@@ -67,3 +67,34 @@ def test_store_kv_writes_the_slots_and_skips_negative_ones(target: KernelTarget)
     store_kv(k_cache, v_cache, key, value, slots)
     assert torch.equal(k_cache, expected_k)
     assert torch.equal(v_cache, expected_v)
+
+
+def test_layers_built_with_fused_ops_match_their_torch_path(target: KernelTarget) -> None:
+    """``fused_ops=True`` switches each layer to its kernel; the result is the torch path's."""
+    torch.manual_seed(0)
+    hidden, intermediate = 64, 96
+    layers = {}
+    for fused in (False, True):
+        norm = RMSNorm(hidden, 1e-5, fused_ops=fused)
+        mlp = GatedMLP(hidden, intermediate, fused_ops=fused)
+        rotary = RotaryEmbedding(32, 64, 10000.0, None, fused_ops=fused)
+        layers[fused] = (norm, mlp, rotary)
+    layers[True][0].load_state_dict(layers[False][0].state_dict())
+    layers[True][1].load_state_dict(layers[False][1].state_dict())
+    for norm, mlp, rotary in layers.values():
+        norm.to(target.device, target.dtype)
+        mlp.to(target.device, target.dtype)
+        rotary.build_tables(torch.device(target.device))
+    x, residual = rand(target, 5, hidden, seed=9), rand(target, 5, hidden, seed=10)
+    heads = rand(target, 5, 6, 32, seed=11)
+    positions = torch.tensor([0, 3, 9, 31, 63], device=target.device)
+    with torch.no_grad():
+        (ref_norm, ref_mlp, ref_rotary), (norm, mlp, rotary) = layers[False], layers[True]
+        assert relative_error(norm(x), ref_norm(x)) < target.rel_tol
+        out, summed = norm(x, residual)
+        ref_out, ref_summed = ref_norm(x, residual)
+        assert torch.equal(summed, ref_summed)
+        assert relative_error(out, ref_out) < target.rel_tol
+        assert relative_error(mlp(x), ref_mlp(x)) < target.rel_tol
+        expected = ref_rotary(positions, heads)
+        assert relative_error(rotary(positions, heads.clone()), expected) < target.rel_tol

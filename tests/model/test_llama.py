@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,9 @@ import transformers
 
 from kvserve.attention.backend import create_backend
 from kvserve.attention.metadata import build_attention_metadata
-from kvserve.kernels.availability import HAS_TRITON, run_on_cpu
-from kvserve.model.hf_loader import load_hf_weights, read_hf_config
+from kvserve.kernels.availability import HAS_TRITON, interpreter_on
+from kvserve.model.hf_loader import config_from_hf_dict, load_hf_weights, read_hf_config
+from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from kvserve.model.llama import LlamaForCausalLM
 
 TINY = dict(
@@ -47,7 +47,9 @@ FAMILIES = {
 }
 
 
-def make_pair(tmp_path: Path, family: str) -> tuple[torch.nn.Module, LlamaForCausalLM]:
+def make_pair(
+    tmp_path: Path, family: str, fused_ops: bool = False
+) -> tuple[torch.nn.Module, LlamaForCausalLM]:
     config_class, model_class, extra = FAMILIES[family]
     torch.manual_seed(0)
     hf_config = getattr(transformers, config_class)(**TINY, **extra)
@@ -58,20 +60,24 @@ def make_pair(tmp_path: Path, family: str) -> tuple[torch.nn.Module, LlamaForCau
                 param.add_(torch.randn_like(param) * 0.1)
     hf.save_pretrained(tmp_path)
     config = read_hf_config(tmp_path)
-    ours = LlamaForCausalLM.from_weights(config, load_hf_weights(tmp_path, config), torch.float32)
+    ours = LlamaForCausalLM.from_weights(
+        config, load_hf_weights(tmp_path, config), torch.float32, fused_ops=fused_ops
+    )
     return hf, ours
 
 
-def kernel_path(name: str) -> contextlib.AbstractContextManager:
+def uses_fused_ops(name: str) -> bool:
     """``torch``: PyTorch ops and the reference attention. ``triton``: the GPU path's fused
-    kernels and Triton attention, run on these CPU tensors by Triton's interpreter."""
+    kernels (``fused_ops=True``) and Triton attention, run on these CPU tensors by Triton's
+    interpreter (skipped without Triton, or on a GPU machine)."""
     if name == "torch":
-        return contextlib.nullcontext()
+        return False
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     if torch.cuda.is_available():
         pytest.skip("CPU-interpreter check; on a GPU, tests/kernels and bench/gpu.py cover it")
-    return run_on_cpu()
+    assert interpreter_on(), "tests/conftest.py turns on TRITON_INTERPRET=1 without a GPU"
+    return True
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -79,9 +85,23 @@ def kernel_path(name: str) -> contextlib.AbstractContextManager:
 def test_prefill_and_decode_logits_match_transformers(
     tmp_path: Path, family: str, path: str
 ) -> None:
-    hf, ours = make_pair(tmp_path, family)
-    with kernel_path(path):
-        check_against_transformers(hf, ours, create_backend(path))
+    hf, ours = make_pair(tmp_path, family, fused_ops=uses_fused_ops(path))
+    check_against_transformers(hf, ours, create_backend(path))
+
+
+@pytest.mark.parametrize("fused_ops", [False, True])
+def test_fused_ops_reaches_every_layer(fused_ops: bool) -> None:
+    """The choice is made once, when the model is built, and every fusable layer follows it."""
+    if fused_ops and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    config_class, _, extra = FAMILIES["qwen3-qk-norm"]
+    hf_config = getattr(transformers, config_class)(**TINY, **extra)
+    config = config_from_hf_dict(hf_config.to_dict(), "tiny qwen3")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, fused_ops=fused_ops)
+    fusable = [m for m in model.modules() if isinstance(m, RMSNorm | RotaryEmbedding | GatedMLP)]
+    assert len(fusable) == 1 + 1 + config.num_hidden_layers * 5  # norm, rotary; 4 norms + mlp
+    assert all(module.fused_ops is fused_ops for module in fusable)
 
 
 def check_against_transformers(hf: torch.nn.Module, ours: LlamaForCausalLM, backend) -> None:

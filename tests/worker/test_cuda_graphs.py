@@ -34,7 +34,9 @@ def test_replayed_decode_equals_eager_forward() -> None:
                          head_dim=64, qk_norm=True, tie_word_embeddings=True,
                          max_position_embeddings=1024)
     device = torch.device("cuda")
-    model = LlamaForCausalLM.from_weights(config, dummy_weights(config), torch.float32, device)
+    model = LlamaForCausalLM.from_weights(  # the GPU path: fused kernels, Triton attention
+        config, dummy_weights(config), torch.float32, device, fused_ops=True
+    )
     block_size, num_blocks = 16, 64
     cache = allocate_kv_cache(config, num_blocks * kv_bytes_per_block(config, block_size,
                               torch.float32), block_size, torch.float32, device)
