@@ -151,6 +151,9 @@ def start_server(
     port = free_port()
     if kind == "kvserve":
         argv = [str(args.kvserve), "serve", "--port", str(port), "--dtype", "float32"]
+    elif kind == "kvserve-1proc":  # the previous architecture: the engine in a thread
+        script = Path(__file__).with_name("single_process_server.py")
+        argv = [sys.executable, str(script), "--port", str(port), "--dtype", "float32"]
     else:
         argv = [str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
         argv += LLAMA_ARGS
@@ -382,10 +385,16 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+RATIOS = [("kvserve", "llama-server"), ("kvserve", "in-process"), ("kvserve", "kvserve-1proc")]
+
+
 def table(results: dict, prefix: dict) -> str:
+    """One column per server kind (and the in-process reference), then kvserve's ratios."""
+    kinds = [k for k in ("kvserve", "kvserve-1proc", "in-process", "llama-server") if k in results]
+    pairs = [(a, b) for a, b in RATIOS if a in results and b in results]
     rows = [
-        "| metric | kvserve | llama-server | kvserve/llama-server |",
-        "|---|---:|---:|---:|",
+        "| metric | " + " | ".join(kinds) + "".join(f" | {a}/{b}" for a, b in pairs) + " |",
+        "|---|" + "---:|" * (len(kinds) + len(pairs)),
     ]
     metrics = [
         ("TTFT p50 (ms)", "ttft_p50_ms", 0),
@@ -399,24 +408,34 @@ def table(results: dict, prefix: dict) -> str:
     concs = sorted({c for kind in results for c in results[kind]}, key=int)
     for conc in concs:
         for label, key, digits in metrics:
-            k = results.get("kvserve", {}).get(conc, {}).get(key)
-            ll = results.get("llama-server", {}).get(conc, {}).get(key)
+            values = {k: results[k].get(conc, {}).get(key) for k in kinds}
+            if all(v is None for v in values.values()):
+                continue
             share = key.endswith("share")
-            cells = [f"{x:.0%}" if (share and x is not None) else fmt(x, digits) for x in (k, ll)]
-            rows.append(
-                f"| c={conc}: {label} | {cells[0]} | {cells[1]} | {'' if share else ratio(k, ll)} |"
-            )
+            cells = [f"{x:.0%}" if (share and x is not None) else fmt(x, digits)
+                     for x in values.values()]
+            ratios = ["" if share else ratio(values[a], values[b]) for a, b in pairs]
+            rows.append(f"| c={conc}: {label} | " + " | ".join(cells + ratios) + " |")
     if prefix:
         for label, key in (
             ("first request", "first_ms"),
             ("median of the other 7", "rest_median_ms"),
         ):
-            k = prefix.get("kvserve", {}).get(key)
-            ll = prefix.get("llama-server", {}).get(key)
-            rows.append(
-                f"| shared prefix: TTFT {label} (ms) | {fmt(k)} | {fmt(ll)} | {ratio(k, ll)} |"
-            )
+            cells = [fmt(prefix.get(k, {}).get(key)) for k in kinds]
+            ratios = [ratio(prefix.get(a, {}).get(key), prefix.get(b, {}).get(key))
+                      for a, b in pairs]
+            rows.append(f"| shared prefix: TTFT {label} (ms) | " + " | ".join(cells + ratios)
+                        + " |")
     return "\n".join(rows)
+
+
+def in_process_reference(concs: list[int], out: Path) -> dict:
+    """``bench/inprocess_reference.py`` in a fresh process: the same engine, no server."""
+    script = Path(__file__).with_name("inprocess_reference.py")
+    argv = [sys.executable, str(script), "--batches", ",".join(map(str, concs))]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    (out / "in-process.log").write_text(done.stderr)
+    return {int(batch): values for batch, values in json.loads(done.stdout).items()}
 
 
 def main() -> int:
@@ -438,7 +457,12 @@ def main() -> int:
     p.add_argument(
         "--concurrency", default="32,1,8", help="comma-separated concurrencies, run in this order"
     )
-    p.add_argument("--servers", default="kvserve,llama-server", help="which servers to run")
+    p.add_argument("--servers", default="kvserve,llama-server",
+                   help="which servers to run: kvserve, kvserve-1proc (the engine in a thread "
+                   "of the HTTP process), llama-server")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run the same engine in process at each concurrency as a batch "
+                   "(bench/inprocess_reference.py)")
     p.add_argument("--no-prefix", action="store_true", help="skip the shared-prefix case")
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000, help="base aiperf seed")
     p.add_argument(
@@ -491,6 +515,12 @@ def main() -> int:
             print(f"    {json.dumps(m)}", flush=True)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
+    if args.in_process:
+        print(f"[{time.strftime('%H:%M:%S')}] in-process reference", flush=True)
+        results["in-process"] = in_process_reference(concs, out)
+        summary["points"]["in-process"] = results["in-process"]
+        print(f"    {json.dumps(results['in-process'])}", flush=True)
+
     prefix: dict = {}
     if not args.no_prefix:
         system = shared_prefix_prompt(tokenizer, args.seed)
@@ -510,7 +540,7 @@ def main() -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     print(f"\nload average at end {load_avg()}")
-    for kind in servers:
+    for kind in servers:  # the in-process reference has no aiperf counts
         for conc, m in results[kind].items():
             if m.get("osl_min") != OUTPUT_TOKENS or m.get("osl_max") != OUTPUT_TOKENS:
                 print(

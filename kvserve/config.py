@@ -92,3 +92,17 @@ class EngineConfig:
 def cpu_has_fast_bf16() -> bool:
     """True where torch's CPU kernels can use AMX or AVX512-BF16 for bfloat16 matmuls."""
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+@dataclass(frozen=True)
+class KVRole:
+    """A prefill or decode engine's place in the KV world (``--role``, ``--kv-rank``...)."""
+
+    role: str  # "prefill" or "decode"
+    rank: int
+    world_size: int
+    master: str  # HOST:PORT
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"KV role must be prefill or decode, got {self.role!r}")

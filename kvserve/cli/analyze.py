@@ -68,7 +68,8 @@ def _measure(args: argparse.Namespace, report) -> int:
 
     from tqdm import tqdm
 
-    from kvserve.analysis.roofline import decode_sweep, measure_ceilings, prefill_sweep
+    from kvserve.analysis.roofline import measure_ceilings
+    from kvserve.benchmarks.roofline_sweeps import decode_sweep, prefill_sweep
     from kvserve.cli.args import engine_config_from_args
     from kvserve.engine.llm import LLM
 

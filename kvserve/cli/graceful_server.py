@@ -24,6 +24,13 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], object]) -> None:
         super().__init__(config)
         self.on_exit = on_exit
+        self.failure: str | None = None  # why the server stopped on its own, if it did
+
+    def fail(self, reason: str) -> None:
+        """Stop serving because something it depends on died (the command exits non-zero)."""
+        logger.error("%s: the server shuts down", reason)
+        self.failure = reason
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from kvserve.cli.args import add_engine_args, engine_config_from_args
@@ -17,12 +18,14 @@ from kvserve.model.embedded import EMBEDDED_NAME
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from kvserve.engine.engine_core import EngineCore
+    from kvserve.config import KVRole
 
 logger = logging.getLogger("kvserve")
 
 # uvicorn's own limit, past ours: connections still open then are closed
 UVICORN_EXTRA_GRACE_S = 5
+# after the engine process dies: /health answers 503 this long, then the server exits non-zero
+DEAD_ENGINE_EXIT_DELAY_S = 2.0
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -91,8 +94,8 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             serve_argv, args.host, args.port, args.prefill_devices, args.decode_devices,
             launcher.free_port(args.host),
         ))
+    from kvserve.config import KVRole
     from kvserve.engine.async_engine import AsyncEngine
-    from kvserve.engine.builder import build_engine
     from kvserve.server.app import begin_drain, build_app
     from kvserve.server.metrics import ServerMetrics
 
@@ -100,10 +103,18 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    engine = build_engine(engine_config_from_args(args))
+    kv_role = None
+    if args.role != "colocated":
+        if args.kv_rank is None or args.kv_world_size is None:
+            raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
+        kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master)
+    engine = AsyncEngine.in_process(
+        engine_config_from_args(args), max_queue=args.max_queue, kv_role=kv_role
+    )
+    engine.start()  # the engine process loads the model; this one only the tokenizer
     model_name = args.served_model_name or (args.model if args.model else EMBEDDED_NAME)
     app = build_app(
-        AsyncEngine(engine, max_queue=args.max_queue),
+        engine,
         engine.tokenizer,
         model_name,
         api_key=args.api_key,
@@ -120,29 +131,35 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         log_config=None,  # our logging setup (kvserve.cli.main) formats uvicorn's lines too
         timeout_graceful_shutdown=int(args.shutdown_timeout) + UVICORN_EXTRA_GRACE_S,
     )
-    if args.role != "colocated":
-        _add_role(app, args, engine)
+    if kv_role is not None:
+        _add_role(app, kv_role)
     server = GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
+
+    def engine_died(reason: str) -> None:
+        timer = threading.Timer(DEAD_ENGINE_EXIT_DELAY_S, server.fail, args=(reason,))
+        timer.daemon = True
+        timer.start()
+
+    engine.on_dead = engine_died
     logger.info("serving %s on http://%s:%d/v1", model_name, args.host, args.port)
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.shutdown(timeout=0.0)
+    if server.failure is not None:
+        return 1
     return 0 if server.started else 1
 
 
-def _add_role(app: FastAPI, args: argparse.Namespace, engine: EngineCore) -> None:
-    """Join the KV world and add the role's internal routes (kvserve.disagg.roles)."""
+def _add_role(app: FastAPI, kv_role: KVRole) -> None:
+    """The role's internal /kv routes (kvserve.disagg.roles) and its transfer metrics."""
     from kvserve.disagg.metrics import KVTransferCollector, KVTransferStats
     from kvserve.disagg.roles import add_decode_routes, add_prefill_routes
-    from kvserve.disagg.world import PrefillEndpoint, decode_endpoint, join_world
 
-    if args.kv_rank is None or args.kv_world_size is None:
-        raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
-    join_world(args.kv_rank, args.kv_world_size, args.kv_master)
     async_engine = app.state.ctx.engine
     stats = KVTransferStats()
-    if args.role == "prefill":
-        endpoint = PrefillEndpoint(engine)
-        add_prefill_routes(app, async_engine, endpoint.saver, endpoint.sender_for, stats)
+    if kv_role.role == "prefill":
+        add_prefill_routes(app, async_engine, stats)
     else:
-        loader, _receiver = decode_endpoint(engine)
-        add_decode_routes(app, async_engine, loader, args.kv_rank, stats)
-    app.state.ctx.metrics.registry.register(KVTransferCollector(stats, args.role))
+        add_decode_routes(app, async_engine, kv_role.rank, stats)
+    app.state.ctx.metrics.registry.register(KVTransferCollector(stats, kv_role.role))

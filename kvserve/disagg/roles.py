@@ -9,34 +9,43 @@ The router drives a request through them in three calls:
 3. ``POST /kv/continue`` on the decode engine, with the first token: once every layer has
    arrived it admits the request and streams its tokens as JSON lines (``token_ids``, ``text``,
    ``finished``, ``finish_reason``), which the router turns into OpenAI responses.
-A plan the decode engine never receives in full is cancelled after ``TRANSFER_TIMEOUT_S`` and
-its blocks freed; a failed prefill frees the prefill engine's blocks and answers 502. A body
-with a missing or malformed field is a 400 naming the field (OpenAI's error shape).
+These routes run in the front end: each sends a typed operation to the engine core
+(``engine.messages``: ReserveKV, PrefillAndSend, AdmitWithKV, CancelKV, GetKVBytes), which does
+the work next to its KV cache (``disagg.core_ops``). A plan the decode engine never receives in
+full is cancelled after ``TRANSFER_TIMEOUT_S`` and its blocks freed; a failed prefill frees the
+prefill engine's blocks and answers 502. A body with a missing or malformed field is a 400
+naming the field (OpenAI's error shape).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kvserve.disagg.connector import KVLoader, KVSaver, first_token_params
+from kvserve.disagg.core_ops import RESERVATION_LEASE_S
 from kvserve.disagg.metrics import KVTransferStats
 from kvserve.disagg.transfer import TransferPlan
-from kvserve.disagg.transport import KVTransport
-from kvserve.engine.async_engine import AsyncEngine
-from kvserve.engine.engine_core import EngineCore
+from kvserve.engine.async_engine import AsyncEngine, CallFailedError
+from kvserve.engine.messages import (
+    AdmittedKV,
+    AdmitWithKV,
+    CancelKV,
+    GetKVBytes,
+    KVBytes,
+    PrefillAndSend,
+    PrefilledKV,
+    ReservedKV,
+    ReserveKV,
+)
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.errors import APIError, invalid_request
-from kvserve.worker.model_runner import SampledToken
 
-TRANSFER_TIMEOUT_S = 30.0
-POLL_S = 0.001
+_STATUS_OF_KIND = {"invalid": 400, "timeout": 504, "failed": 502}
 
 
 def sampling_from(body: dict[str, Any]) -> SamplingParams:
@@ -76,58 +85,70 @@ def str_field(body: dict[str, Any], name: str) -> str:
     return value
 
 
+def _failure(error: CallFailedError) -> JSONResponse:
+    """A failed core operation as the router expects it: a status and ``{"error"}``."""
+    return JSONResponse({"error": str(error)}, status_code=_STATUS_OF_KIND.get(error.kind, 502))
+
+
 def add_decode_routes(
-    app: FastAPI, engine: AsyncEngine, loader: KVLoader, kv_rank: int, stats: KVTransferStats
+    app: FastAPI, engine: AsyncEngine, kv_rank: int, stats: KVTransferStats
 ) -> None:
     router = APIRouter(prefix="/kv")
-    reserved_at: dict[str, float] = {}
+    # what a reservation's request is, for the stream that continues it (front-end only)
+    reserved: dict[str, tuple[list[int], SamplingParams, float]] = {}
 
     @router.post("/reserve")
     async def reserve(body: dict[str, Any]) -> JSONResponse:
         prompt_ids = token_ids_field(body, "prompt_token_ids")
         params = sampling_from(body)
         try:
-            plan = await engine.call(lambda core: loader.reserve(prompt_ids, params))
-        except (ValueError, RuntimeError) as error:
+            plan = await engine.call(ReserveKV(prompt_ids, params))
+        except CallFailedError as error:
             return JSONResponse({"error": str(error)}, status_code=400)
-        reserved_at[plan.transfer_id] = time.monotonic()
+        assert isinstance(plan, ReservedKV)
+        now = time.monotonic()
+        for transfer_id, (_, _, at) in list(reserved.items()):
+            if now - at > RESERVATION_LEASE_S:  # the core has cancelled it too
+                del reserved[transfer_id]
+        reserved[plan.transfer_id] = (prompt_ids, params, now)
         return JSONResponse({"transfer_id": plan.transfer_id, "num_tokens": plan.num_tokens,
                              "skip_tokens": plan.skip_tokens, "kv_rank": kv_rank})
 
     @router.post("/continue")
     async def continue_(body: dict[str, Any]) -> Any:
         transfer_id = str_field(body, "transfer_id")
-        first = SampledToken(int_field(body, "first_token_id"))
-        if not loader.has(transfer_id):
+        first_token_id = int_field(body, "first_token_id")
+        if transfer_id not in reserved:
             raise APIError(404, f"no reservation {transfer_id!r}", param="transfer_id")
-        waiting_since = time.monotonic()
-        deadline = waiting_since + TRANSFER_TIMEOUT_S
-        while not loader.is_complete(transfer_id):
-            if time.monotonic() > deadline:
-                await engine.call(lambda core: loader.cancel(transfer_id))
-                reserved_at.pop(transfer_id, None)
-                stats.add(failures=1)
-                return JSONResponse({"error": f"KV of {transfer_id!r} did not arrive"},
-                                    status_code=504)
-            await asyncio.sleep(POLL_S)
-        done = time.monotonic()
-        stats.bytes_received = loader.received_bytes
-        stats.add(transfers=1, wait_seconds=done - waiting_since,
-                  seconds=done - reserved_at.pop(transfer_id, waiting_since))
-        deltas = engine.follow(lambda core: loader.admit_for_stream(transfer_id, first))
+        prompt_ids, params, _ = reserved.pop(transfer_id)
+        try:
+            admitted, deltas = await engine.admit_with_kv(
+                AdmitWithKV(transfer_id, first_token_id), prompt_ids, params
+            )
+        except CallFailedError as error:
+            stats.add(failures=1)
+            if error.kind == "invalid":
+                raise APIError(404, str(error), param="transfer_id") from None
+            return _failure(error)
+        assert isinstance(admitted, AdmittedKV)
+        stats.bytes_received = admitted.received_bytes
+        stats.add(transfers=1, wait_seconds=admitted.wait_seconds,
+                  seconds=admitted.transfer_seconds)
         return StreamingResponse(_json_lines(deltas), media_type="application/x-ndjson")
 
     @router.post("/cancel")
     async def cancel(body: dict[str, Any]) -> JSONResponse:
         transfer_id = str_field(body, "transfer_id")
-        await engine.call(lambda core: loader.cancel(transfer_id))
-        reserved_at.pop(transfer_id, None)
+        reserved.pop(transfer_id, None)
+        await engine.call(CancelKV(transfer_id))
         stats.add(failures=1)
         return JSONResponse({"cancelled": transfer_id})
 
     @router.get("/stats")
     async def kv_stats() -> JSONResponse:
-        stats.bytes_received = loader.received_bytes
+        counted = await engine.call(GetKVBytes())
+        assert isinstance(counted, KVBytes)
+        stats.bytes_received = counted.received
         return JSONResponse({"role": "decode", **stats.snapshot()})
 
     app.include_router(router)
@@ -141,13 +162,7 @@ async def _json_lines(deltas: AsyncIterator) -> AsyncIterator[bytes]:
         yield (json.dumps(line) + "\n").encode()
 
 
-def add_prefill_routes(
-    app: FastAPI,
-    engine: AsyncEngine,
-    saver: KVSaver,
-    sender_for: Callable[[int], KVTransport],
-    stats: KVTransferStats,
-) -> None:
+def add_prefill_routes(app: FastAPI, engine: AsyncEngine, stats: KVTransferStats) -> None:
     router = APIRouter(prefix="/kv")
 
     @router.post("/prefill")
@@ -162,48 +177,28 @@ def add_prefill_routes(
                                 int_field(body, "skip_tokens"))
         except ValueError as error:
             raise invalid_request(str(error), param="skip_tokens") from error
-        first_params = first_token_params(sampling_from(body))
-        try:
-            sender = sender_for(int_field(body, "kv_rank"))
-        except ValueError as error:
-            raise invalid_request(str(error), param="kv_rank") from error
-
-        def start(core: EngineCore):
-            request = core.new_request(prompt_ids, first_params)
-            request.hold_kv = True  # blocks stay until every layer has been sent
-            saver.add(request.request_id, plan, sender)
-            return request, core.add_request(request)
-
+        params = sampling_from(body)
+        kv_rank = int_field(body, "kv_rank")
         started = time.monotonic()
-        request, output = await engine.call(start)
         try:
-            while not request.is_finished:
-                await asyncio.sleep(POLL_S)
-            # K/V travel as copies, so the blocks can be freed even if a send never finishes.
-            await asyncio.wait_for(asyncio.to_thread(sender.flush), TRANSFER_TIMEOUT_S)
-        except TimeoutError:
+            done = await engine.call(PrefillAndSend(
+                prompt_ids, params, plan.transfer_id, plan.num_tokens, plan.skip_tokens, kv_rank
+            ))
+        except CallFailedError as error:
+            if error.kind == "invalid":
+                raise invalid_request(str(error), param=error.param) from None
             stats.add(failures=1)
-            return JSONResponse({"error": "the decode engine did not take the KV within "
-                                 f"{TRANSFER_TIMEOUT_S:g} s"}, status_code=504)
-        except Exception as error:  # noqa: BLE001 (the router gets a 502 naming it)
-            stats.add(failures=1)
-            return JSONResponse({"error": f"the KV transfer to the decode engine failed: {error}"},
-                                status_code=502)
-        finally:
-            def release(core: EngineCore) -> None:
-                saver.drop(request.request_id)
-                core.scheduler.release_held(request)
-
-            await engine.call(release)
-        if output.finish_reason == "abort" or not output.token_ids:
-            return JSONResponse({"error": "the prefill was aborted"}, status_code=502)
-        stats.bytes_sent = saver.sent_bytes
+            return _failure(error)
+        assert isinstance(done, PrefilledKV)
+        stats.bytes_sent = done.sent_bytes
         stats.add(transfers=1, seconds=time.monotonic() - started)
-        return JSONResponse({"first_token_id": output.token_ids[0]})
+        return JSONResponse({"first_token_id": done.first_token_id})
 
     @router.get("/stats")
     async def kv_stats() -> JSONResponse:
-        stats.bytes_sent = saver.sent_bytes
+        counted = await engine.call(GetKVBytes())
+        assert isinstance(counted, KVBytes)
+        stats.bytes_sent = counted.sent
         return JSONResponse({"role": "prefill", **stats.snapshot()})
 
     app.include_router(router)

@@ -24,6 +24,11 @@ class KVTransport(ABC):
     def flush(self) -> None: ...
 
     @abstractmethod
+    def is_flushed(self) -> bool:
+        """True once every chunk sent so far has been delivered (never blocks); raises the
+        delivery's error if one failed."""
+
+    @abstractmethod
     def close(self) -> None:
         """Stop background work; chunks not yet delivered are dropped."""
 
@@ -66,6 +71,11 @@ class QueuedTransport(KVTransport):
         self._queue.join()
         if self._errors:
             raise self._failure()
+
+    def is_flushed(self) -> bool:
+        if self._errors:
+            raise self._failure()
+        return self._queue.unfinished_tasks == 0
 
     def close(self) -> None:
         if self._thread.is_alive():

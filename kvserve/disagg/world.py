@@ -16,7 +16,6 @@ import torch.distributed as dist
 from kvserve.disagg.connector import KVLoader, KVSaver
 from kvserve.disagg.torch_dist_transport import TorchDistReceiver, TorchDistSender
 from kvserve.disagg.transport import KVTransport
-from kvserve.engine.engine_core import EngineCore
 
 logger = logging.getLogger("kvserve")
 JOIN_TIMEOUT = datetime.timedelta(minutes=10)
@@ -33,10 +32,9 @@ def join_world(rank: int, world_size: int, master: str) -> None:
 class PrefillEndpoint:
     """A prefill engine's saver, with one sender per decode rank it has sent to."""
 
-    def __init__(self, engine: EngineCore) -> None:
+    def __init__(self) -> None:
         self._senders: dict[int, TorchDistSender] = {}
-        self.saver = KVSaver(None, engine.runner.kv_cache)  # each plan names its sender
-        engine.runner.kv_saver = self.saver
+        self.saver = KVSaver()  # each plan names its sender
 
     def sender_for(self, rank: int) -> KVTransport:
         """The sender to decode rank ``rank``; ValueError for a rank outside the world or this
@@ -49,10 +47,7 @@ class PrefillEndpoint:
         return self._senders[rank]
 
 
-def decode_endpoint(engine: EngineCore) -> tuple[KVLoader, TorchDistReceiver]:
-    """A decode engine's loader and the receiver that feeds it from any prefill rank."""
-    loader = KVLoader(engine)
-    k_cache = engine.runner.kv_cache.layers[0][0]
-    receiver = TorchDistReceiver(loader.deliver, k_cache.shape[2], k_cache.shape[3],
-                                 k_cache.dtype)
-    return loader, receiver
+def decode_receiver(loader: KVLoader) -> TorchDistReceiver:
+    """The receiver that feeds a decode engine's loader from any prefill rank."""
+    k_cache = loader.core.kv_cache.layers[0][0]
+    return TorchDistReceiver(loader.deliver, k_cache.shape[2], k_cache.shape[3], k_cache.dtype)

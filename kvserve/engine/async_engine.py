@@ -1,9 +1,11 @@
-"""The engine for servers: the step loop runs in a background thread, each request gets its own
-asyncio stream of deltas, and requests are added or aborted between steps.
+"""The engine for servers: the front end of an engine core that runs on its own (in its own
+process, ``AsyncEngine.in_process``, or in a thread, ``AsyncEngine.in_thread``). Each request
+gets an asyncio stream of deltas.
 
-Only the loop thread touches the EngineCore. Other threads talk to it through a command queue
-(add, abort) and read a stats snapshot published after every step, so nothing is shared
-mid-step and an abort frees the request's blocks at the next step boundary.
+The core sends token ids; this side turns them into text (``OutputProcessor``: detokenizing,
+stop strings, logprobs), on the client's reader thread, and hands each delta to the event loop
+of the request's caller. A request a stop string ends is aborted in the core. If the core dies,
+every open request fails with EngineDeadError and ``on_dead`` is called once.
 """
 
 from __future__ import annotations
@@ -13,20 +15,32 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
 
-from kvserve.engine.engine_core import EngineCore, StepFailed
-from kvserve.engine.output_processor import StreamDelta
+from kvserve.config import EngineConfig
+from kvserve.engine.core_client import CoreClient, ThreadCoreClient
+from kvserve.engine.core_loop import CoreOps
+from kvserve.engine.engine_core import EngineCore, validate_prompt
+from kvserve.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    AdmitWithKV,
+    CallResult,
+    CallValue,
+    CoreCall,
+    CoreOp,
+    EngineFailed,
+    Stats,
+    StepOutputs,
+    ToFront,
+)
+from kvserve.engine.output_processor import OutputProcessor, StreamDelta
+from kvserve.model.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("kvserve")
-
-IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for shutdown
 
 
 class QueueFullError(RuntimeError):
@@ -34,88 +48,106 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; no request can be served."""
+    """The engine has stopped; no request can be served."""
 
 
 class RequestFailedError(RuntimeError):
     """The engine failed while running this request (the server keeps serving others)."""
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None
-    stream: _Stream
+class CallFailedError(RuntimeError):
+    """A named core operation failed; ``kind`` is "invalid", "timeout" or "failed"."""
 
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Call:
-    """Run ``fn(engine)`` on the loop thread between steps; its result or error goes to
-    ``future``. With ``stream``, the result must be a ``(request_id, first_delta)`` pair for a
-    request ``fn`` put into the engine (a KV transfer's admission): the stream follows it."""
-
-    fn: Callable[[EngineCore], Any]
-    future: concurrent.futures.Future
-    stream: _Stream | None = None
+    def __init__(self, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.param = param
 
 
 class _Stream:
-    """One request's deltas, handed from the loop thread to the event loop that asked."""
+    """One request's deltas, handed from the client's thread to the event loop that asked."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
 
     def put(self, item: StreamDelta | BaseException) -> None:
-        """Called from the loop thread."""
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class AsyncEngine:
-    """Wraps an EngineCore with a background step loop and per-request async streams."""
+    """Streams of deltas over a CoreClient; see the module docstring."""
 
-    def __init__(self, engine: EngineCore, max_queue: int | None = None) -> None:
-        self.engine = engine
+    def __init__(
+        self, client: CoreClient, tokenizer: Tokenizer, max_queue: int | None = None
+    ) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
         self.max_queue = max_queue
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # owned by the loop thread
-        self._pending_adds = 0  # adds sent but not yet applied (guarded by _lock)
-        self._lock = threading.Lock()
+        self.on_dead: Callable[[str], None] | None = None  # told once if the core dies
+        self._outputs = OutputProcessor(tokenizer)
+        self._streams: dict[str, _Stream] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()  # guards the streams, the processor and the counters
         self._ids = itertools.count()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stats: dict[str, int | float] = engine.scheduler.stats()
+        self._call_ids = itertools.count()
+        self._stats: Stats = {}
+        self._num_adds_sent = 0
+        self._num_adds_taken = 0
+        self._started = False
+        self._stopped = False
+        self.dead_reason: str | None = None
+        self.max_model_len = 0
+        self.vocab_size = 0
         self.num_step_failures = 0
-        self.last_step_time = 0.0
+
+    @classmethod
+    def in_thread(
+        cls, core: EngineCore, tokenizer: Tokenizer, max_queue: int | None = None,
+        ops: CoreOps | None = None,
+    ) -> AsyncEngine:
+        """The core loop in a thread of this process (tests; an engine already built)."""
+        return cls(ThreadCoreClient(core, ops), tokenizer, max_queue)
+
+    @classmethod
+    def in_process(
+        cls, config: EngineConfig, max_queue: int | None = None, kv_role: object = None
+    ) -> AsyncEngine:
+        """The core in its own process (``kvserve serve``); only the tokenizer loads here."""
+        from kvserve.engine.process_client import ProcessCoreClient
+        from kvserve.model.loader import load_model_tokenizer
+
+        tokenizer = load_model_tokenizer(config.model, config.load_format)
+        return cls(ProcessCoreClient(config, kv_role), tokenizer, max_queue)  # type: ignore[arg-type]
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
-            self._thread.start()
+        """Start the core and wait until it is ready (RuntimeError if it cannot start)."""
+        if self._started:
+            return
+        ready = self.client.start(self._on_message, self._on_death)
+        self.max_model_len, self.vocab_size = ready.max_model_len, ready.vocab_size
+        self._stats = dict(ready.stats)
+        self._started = True
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._started and not self._stopped and self.dead_reason is None
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop: requests still running after ``timeout`` seconds are aborted."""
+        """Stop the core: requests still running after ``timeout`` seconds are aborted and
+        their callers get EngineDeadError."""
+        if self._stopped:
+            return
         deadline = time.monotonic() + timeout
-        while self.num_in_flight and time.monotonic() < deadline:
+        while self.num_in_flight and time.monotonic() < deadline and self.dead_reason is None:
             time.sleep(0.05)
-        self._stop.set()
-        self._commands.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=max(1.0, deadline - time.monotonic() + 5.0))
+        self._stopped = True
+        if self._started:
+            self.client.close(timeout_s=max(1.0, deadline - time.monotonic() + 5.0))
+        self._fail_all(EngineDeadError("the server is shutting down"))
 
     # -- requests --------------------------------------------------------------------------
 
@@ -123,20 +155,20 @@ class AsyncEngine:
         return f"req-{next(self._ids)}"
 
     def validate(self, prompt_token_ids: list[int]) -> None:
-        """Raise ValueError for a prompt the engine could never run (reads config only)."""
-        self.engine.validate_prompt(prompt_token_ids)
+        """Raise ValueError for a prompt the engine could never run."""
+        validate_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._streams) + self._pending_adds
+        return len(self._streams)
 
     @property
     def num_waiting(self) -> int:
         """Requests accepted but not yet running: the queue ``max_queue`` bounds."""
-        return int(self._stats["num_waiting"]) + self._pending_adds
+        return int(self._stats.get("num_waiting", 0)) + self._num_adds_sent - self._num_adds_taken
 
-    def stats(self) -> dict[str, int | float]:
-        """The engine's counters as of the last step boundary."""
+    def stats(self) -> Stats:
+        """The engine's counters as of its last step boundary."""
         return dict(self._stats)
 
     async def generate(
@@ -151,19 +183,74 @@ class AsyncEngine:
         Raises ValueError (bad prompt), QueueFullError, EngineDeadError or RequestFailedError.
         If the caller stops iterating early (a client went away), the request is aborted.
         """
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
+        self._check_running()
         self.validate(prompt_token_ids)
         request_id = request_id or self.new_request_id()
-        stream = _Stream(asyncio.get_running_loop())
+        arrival = time.perf_counter()
         with self._lock:
             if self.max_queue is not None and self.num_waiting >= self.max_queue:
                 raise QueueFullError(
                     f"{self.num_waiting} requests are already waiting (max_queue "
                     f"{self.max_queue}); retry later"
                 )
-            self._pending_adds += 1
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, stream))
+            stream = self._track(request_id, prompt, prompt_token_ids, params, arrival)
+            self._num_adds_sent += 1
+            self.client.send(AddRequest(request_id, list(prompt_token_ids), params, arrival))
+        async for delta in self._follow(request_id, stream):
+            yield delta
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the core's next step boundary and free its blocks (thread-safe;
+        harmless for an unknown or finished request)."""
+        with self._lock:
+            known = self._streams.pop(request_id, None) is not None
+            self._outputs.abort(request_id)
+        if known and self.is_running:
+            self.client.send(AbortRequests([request_id]))
+
+    async def call(self, op: CoreOp) -> CallValue:
+        """Run a named core operation; its value, or CallFailedError."""
+        self._check_running()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        call_id = next(self._call_ids)
+        with self._lock:
+            self._calls[call_id] = future
+        self.client.send(CoreCall(call_id, op))
+        return await asyncio.wrap_future(future)
+
+    async def admit_with_kv(
+        self,
+        op: AdmitWithKV,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> tuple[CallValue, AsyncIterator[StreamDelta]]:
+        """A decode engine's transferred request: once the core admitted it (its KV arrived),
+        the call's value and the request's deltas, from its first token on."""
+        request_id = op.transfer_id
+        with self._lock:
+            stream = self._track(request_id, prompt, prompt_token_ids, params,
+                                 time.perf_counter())
+        try:
+            value = await self.call(op)
+        except BaseException:
+            self.abort(request_id)  # the core may still admit it: it then ends at once
+            raise
+        return value, self._follow(request_id, stream)
+
+    def _track(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+        params: SamplingParams, arrival: float,
+    ) -> _Stream:
+        """Register a request's stream and output (call with the lock held)."""
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._outputs.add_request(request_id, prompt, prompt_token_ids, params, arrival)
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        return stream
+
+    async def _follow(self, request_id: str, stream: _Stream) -> AsyncIterator[StreamDelta]:
         finished = False
         try:
             while True:
@@ -171,8 +258,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if item.finished:
-                    finished = True
+                finished = item.finished
                 yield item
                 if finished:
                     return
@@ -180,152 +266,77 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request at the next step boundary and free its blocks (thread-safe)."""
-        self._commands.put(_Abort(request_id))
+    def _check_running(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
 
-    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
-        """``fn(engine)`` run on the loop thread between steps (the only thread that may touch
-        the engine); e.g. reserving blocks for a KV transfer."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(_Call(fn, future))
-        return await asyncio.wrap_future(future)
+    # -- the client's thread ---------------------------------------------------------------
 
-    async def follow(
-        self, admit: Callable[[EngineCore], tuple[str, StreamDelta]]
-    ) -> AsyncIterator[StreamDelta]:
-        """Run ``admit(engine)`` on the loop thread, which puts a request into the engine and
-        returns its id and first delta (a decode engine admitting a transferred request), then
-        yield that delta and the request's next ones as ``generate`` does."""
-        stream = _Stream(asyncio.get_running_loop())
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(_Call(admit, future, stream))
-        request_id = await asyncio.wrap_future(future)
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
-        finally:
-            if not self._stop.is_set():
-                self.abort(request_id)
+    def _on_message(self, message: ToFront) -> None:
+        if isinstance(message, StepOutputs):
+            self._on_step(message)
+        elif isinstance(message, CallResult):
+            self._on_call_result(message)
+        elif isinstance(message, EngineFailed):
+            self._on_death(message.reason)
 
-    # -- the loop thread -------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                self._apply_commands(block=not self.engine.has_unfinished)
-                if self.engine.has_unfinished:
-                    self._step()
-        except BaseException as error:  # a bug in the loop itself: fail everyone, loudly
-            logger.exception("engine loop crashed")
-            self._fail_all(EngineDeadError(f"the engine loop crashed: {error!r}"))
-            raise
-        finally:
-            self._stop.set()
-            self._abort_all()
-
-    def _apply_commands(self, block: bool) -> None:
-        """Apply every queued command; when idle, first wait a little for one."""
-        if block:
-            try:
-                self._apply(self._commands.get(timeout=IDLE_WAIT_S))
-            except queue.Empty:
-                return
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            self._apply(command)
-
-    def _apply(self, command: _Add | _Abort | _Call | None) -> None:
-        if command is None:  # shutdown wake-up
-            return
-        if isinstance(command, _Call):
-            self._apply_call(command)
-            return
-        if isinstance(command, _Abort):
-            if command.request_id in self._streams:
-                self.engine.abort(command.request_id)
-                self._streams.pop(command.request_id)
-                self._publish_stats()
-            return
+    def _on_step(self, message: StepOutputs) -> None:
         with self._lock:
-            self._pending_adds -= 1
-        try:
-            request = self.engine.new_request(
-                command.prompt_token_ids, command.params, command.request_id
-            )
-            self.engine.add_request(request, command.prompt)
-        except Exception as error:  # e.g. a duplicate id: the caller gets the error
-            command.stream.put(error)
-            return
-        self._streams[command.request_id] = command.stream
-        self._publish_stats()
+            self._stats = message.stats
+            self._num_adds_taken = message.num_adds
+            for request_id, reason in message.rejected.items():
+                self._end(request_id, ValueError(reason))
+            if message.failed_ids:
+                self.num_step_failures += 1
+            for request_id in message.failed_ids:
+                self._end(request_id, RequestFailedError(
+                    "the engine failed while running this request"))
+            deltas, stopped = self._outputs.process(message.outputs)
+            for delta in deltas:
+                stream = self._streams.get(delta.request_id)
+                if stream is None:
+                    continue
+                stream.put(delta)
+                if delta.finished:
+                    del self._streams[delta.request_id]
+        if stopped:
+            self.client.send(AbortRequests(stopped, reason="stop"))
 
-    def _apply_call(self, command: _Call) -> None:
-        try:
-            result = command.fn(self.engine)
-        except BaseException as error:  # noqa: BLE001 (the caller gets it)
-            command.future.set_exception(error)
-            return
-        if command.stream is None:
-            command.future.set_result(result)
-        else:
-            request_id, first = result
-            command.stream.put(first)
-            if not first.finished:
-                self._streams[request_id] = command.stream
-            command.future.set_result(request_id)
-        self._publish_stats()
-
-    def _step(self) -> None:
-        started = time.perf_counter()
-        try:
-            deltas = self.engine.step()
-        except StepFailed as failure:
-            self.num_step_failures += 1
-            logger.error("%s", failure, exc_info=failure.cause)
-            for request_id in failure.request_ids:
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    stream.put(RequestFailedError("the engine failed while running this request"))
-            self._publish_stats()
-            return
-        self.last_step_time = time.perf_counter() - started
-        self._publish_stats()  # before the deltas: a client that got its last token sees it
-        for delta in deltas:
-            stream = self._streams.get(delta.request_id)
-            if stream is None:
-                continue
-            stream.put(delta)
-            if delta.finished:
-                del self._streams[delta.request_id]
-
-    def _publish_stats(self) -> None:
-        self._stats = self.engine.scheduler.stats()
-
-    def _fail_all(self, error: BaseException) -> None:
-        for stream in self._streams.values():
+    def _end(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id, None)
+        self._outputs.abort(request_id)
+        if stream is not None:
             stream.put(error)
 
-    def _abort_all(self) -> None:
-        """On shutdown: abort what is left, and tell its callers."""
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
-            stream.put(EngineDeadError("the server is shutting down"))
-        self._streams.clear()
-        try:
-            while True:
-                command = self._commands.get_nowait()
-                if isinstance(command, _Add):
-                    command.stream.put(EngineDeadError("the server is shutting down"))
-                elif isinstance(command, _Call):
-                    command.future.set_exception(EngineDeadError("the server is shutting down"))
-        except queue.Empty:
-            pass
+    def _on_call_result(self, result: CallResult) -> None:
+        with self._lock:
+            future = self._calls.pop(result.call_id, None)
+        if future is None:
+            return
+        if result.error is None:
+            future.set_result(result.value)
+        else:
+            future.set_exception(
+                CallFailedError(result.error, result.error_kind, result.error_param)
+            )
+
+    def _on_death(self, reason: str) -> None:
+        if self.dead_reason is not None or self._stopped:
+            return
+        self.dead_reason = reason
+        self._fail_all(EngineDeadError(reason))
+        if self.on_dead is not None:
+            self.on_dead(reason)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            calls, self._calls = self._calls, {}
+            for request_id in streams:
+                self._outputs.abort(request_id)
+        for stream in streams.values():
+            stream.put(error)
+        for future in calls.values():
+            future.set_exception(error)

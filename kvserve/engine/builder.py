@@ -12,10 +12,12 @@ from kvserve.config import EngineConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.engine_core import EngineCore
+from kvserve.kv_connector import KVConnector
 from kvserve.model.config import ModelConfig
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import load_model_files
 from kvserve.model.source import ModelSource
+from kvserve.model.tokenizer import Tokenizer
 from kvserve.worker.cuda_graphs import DecodeGraphs
 from kvserve.worker.gpu_memory import plan_kv_cache
 from kvserve.worker.kv_cache import PagedKVCache, allocate_kv_cache
@@ -24,8 +26,14 @@ from kvserve.worker.model_runner import ModelRunner
 logger = logging.getLogger("kvserve")
 
 
-def build_engine(config: EngineConfig) -> EngineCore:
-    """Load weights and tokenizer, allocate the paged KV cache, and wire the engine."""
+def build_engine(
+    config: EngineConfig, kv_connector: KVConnector | None = None
+) -> tuple[EngineCore, Tokenizer]:
+    """Load weights and tokenizer, allocate the paged KV cache, and wire the engine.
+
+    ``kv_connector`` (a prefill engine's KV saver) is bound to the cache and handed to the
+    model runner, which calls it around every layer.
+    """
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     dtype = config.torch_dtype()
@@ -47,7 +55,10 @@ def build_engine(config: EngineConfig) -> EngineCore:
             f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
             f"{model_config.max_position_embeddings}"
         )
-    model = LlamaForCausalLM.from_weights(model_config, loaded.weights, dtype, device)
+    model = LlamaForCausalLM.from_weights(
+        model_config, loaded.weights, dtype, device,
+        fused_ops=config.on_gpu and config.attention_backend == "triton",
+    )
     del loaded.weights
     backend = create_backend(config.attention_backend)
     # The largest step before the pool is known: what the activation profile must cover.
@@ -89,6 +100,8 @@ def build_engine(config: EngineConfig) -> EngineCore:
             max_model_len, device,
         )
         decode_graphs.capture()
+    if kv_connector is not None:
+        kv_connector.bind(kv_cache)
     runner = ModelRunner(
         model,
         kv_cache,
@@ -96,13 +109,16 @@ def build_engine(config: EngineConfig) -> EngineCore:
         loaded.tokenizer.eos_token_ids,
         device,
         decode_graphs,
+        kv_connector,
     )
     trace = StepTrace(config.trace_file) if config.trace_file else None
     if trace is not None:
         logger.info("tracing every step and request to %s", config.trace_file)
-    return EngineCore(
-        Scheduler(scheduler_config, kv_manager), runner, loaded.tokenizer, max_model_len, trace
+    core = EngineCore(
+        Scheduler(scheduler_config, kv_manager), runner, loaded.tokenizer.eos_token_ids,
+        max_model_len, trace,
     )
+    return core, loaded.tokenizer
 
 
 def _log_startup(

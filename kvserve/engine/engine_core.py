@@ -1,4 +1,11 @@
-"""The step loop: schedule, run the model, sample, detokenize, finish requests."""
+"""The engine core: schedule, run the model, sample, finish requests. No strings: token ids in,
+token ids out (detokenization and stop strings are the front end's, ``output_processor``).
+
+Besides ``add_request``/``abort``/``step`` the core has named operations for the requests that
+do not start from a prompt alone: a prefill whose blocks are held after it ends (``LLM.prefill``
+and a prefill engine), blocks reserved for KV that arrives from elsewhere, and a request added
+with its KV already in the cache and its first token (``LLM.decode`` and a decode engine).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,12 @@ import torch
 from kvserve.analysis.trace import StepTrace, split_tokens
 from kvserve.core.request import Request
 from kvserve.core.scheduler import Scheduler
-from kvserve.engine.output_processor import OutputProcessor, StreamDelta
-from kvserve.model.tokenizer import Tokenizer
+from kvserve.engine.messages import AddRequest, EngineOutput, Stats
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
-from kvserve.worker.model_runner import ModelRunner, SampledToken
+from kvserve.step_output import SampledToken
+from kvserve.worker.kv_cache import PagedKVCache
+from kvserve.worker.model_runner import ModelRunner
 
 
 class StepFailed(RuntimeError):
@@ -26,90 +34,140 @@ class StepFailed(RuntimeError):
         self.cause = cause
 
 
+def validate_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError for a prompt that could never run (the front end and the core agree)."""
+    if not prompt_token_ids:
+        raise ValueError("prompt is empty: give at least one token or character")
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if len(prompt_token_ids) + 1 > max_model_len:
+        raise ValueError(
+            f"prompt is {len(prompt_token_ids)} tokens, but max_model_len is "
+            f"{max_model_len} and at least one token must be generated: shorten the "
+            f"prompt to at most {max_model_len - 1} tokens"
+        )
+
+
 class EngineCore:
-    """One engine: a scheduler, a model runner and an output processor, driven by ``step``."""
+    """One engine: a scheduler and a model runner, driven by ``step``."""
 
     def __init__(
         self,
         scheduler: Scheduler,
         runner: ModelRunner,
-        tokenizer: Tokenizer,
+        eos_token_ids: frozenset[int],
         max_model_len: int,
         trace: StepTrace | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
-        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
+        self.vocab_size = runner.model.config.vocab_size
         self.trace = trace  # --trace FILE: one JSON line per step and per finished request
-        self.outputs = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self._capture_logits: set[str] = set()
         self.captured_logits: dict[str, list[torch.Tensor]] = {}
+        self._first_token_times: dict[str, float] = {}
+        self._queued: list[EngineOutput] = []  # outputs of named operations, sent with a step
+
+    # -- requests --------------------------------------------------------------------------
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError for a prompt that could never run; allocates nothing."""
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty: give at least one token or character")
-        vocab = self.runner.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if len(prompt_token_ids) + 1 > self.max_model_len:
-            raise ValueError(
-                f"prompt is {len(prompt_token_ids)} tokens, but max_model_len is "
-                f"{self.max_model_len} and at least one token must be generated: shorten the "
-                f"prompt to at most {self.max_model_len - 1} tokens"
-            )
+        validate_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)
 
     def new_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> Request:
         return Request(
             request_id=request_id if request_id is not None else str(next(self._ids)),
             prompt_token_ids=list(prompt_token_ids),
             sampling_params=params,
-            eos_token_ids=self.tokenizer.eos_token_ids,
-            arrival_time=time.perf_counter(),
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
             max_model_len=self.max_model_len,
         )
 
-    def add_request(
-        self, request: Request, prompt: str | None = None, capture_logits: bool = False
-    ) -> RequestOutput:
+    def add(self, message: AddRequest) -> Request:
+        """``add_request`` for a request that came as a message."""
+        request = self.new_request(
+            message.prompt_token_ids, message.params, message.request_id, message.arrival_time
+        )
+        self.add_request(request)
+        return request
+
+    def add_request(self, request: Request, capture_logits: bool = False) -> None:
+        """Queue ``request``; ValueError for a prompt that cannot run or an id in use."""
         self.validate_prompt(request.prompt_token_ids)
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        output = self.outputs.add_request(request, prompt)
         if capture_logits:  # keep the raw logits of every sampling step (tests, prefill export)
             self._capture_logits.add(request.request_id)
         self.scheduler.add_request(request)
-        return output
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now and free its blocks."""
-        self.scheduler.finish_request(request_id, "abort")
-        self.outputs.abort(request_id)
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """End a request now and free its blocks; an unknown or finished id is ignored."""
+        request = self.scheduler.requests.get(request_id)
+        self.scheduler.finish_request(request_id, reason)
         self.runner.drop_request(request_id)
         self._capture_logits.discard(request_id)
+        if request is not None:
+            self._trace_finished(request)
 
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
     @property
+    def has_work(self) -> bool:
+        """Requests to step, or outputs of named operations still to hand out."""
+        return self.scheduler.has_unfinished or bool(self._queued)
+
+    @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    def step(self) -> list[StreamDelta]:
+    def stats(self) -> Stats:
+        return self.scheduler.stats()
+
+    @property
+    def kv_cache(self) -> PagedKVCache:
+        """The paged KV tensors (for reading and writing a request's token range)."""
+        return self.runner.kv_cache
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.config.max_num_seqs
+
+    def abort_all(self) -> None:
+        """Abort every request (shutdown)."""
+        for request_id in list(self.scheduler.requests):
+            self.abort(request_id)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached blocks no request holds."""
+        self.scheduler.kv.reset_prefix_cache()
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[EngineOutput]:
         """Run one scheduler step and return what each request gained.
 
         If the model fails, the step's requests are aborted (their blocks freed), cached blocks
         nobody holds are forgotten (this step may have registered blocks it never filled), and
         StepFailed names the requests; the engine stays usable for the others.
         """
+        outputs, self._queued = self._queued, []
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return outputs
         if self.trace is not None:
             prefill, decode = split_tokens(scheduled, self.scheduler)
         try:
@@ -118,7 +176,7 @@ class EngineCore:
             failed = [s.request_id for s in scheduled.scheduled]
             for request_id in failed:
                 self.abort(request_id)
-            self.scheduler.kv.reset_prefix_cache()
+            self.reset_prefix_cache()
             raise StepFailed(failed, error) from error
         for request_id, logits in result.logits.items():
             self.captured_logits.setdefault(request_id, []).append(logits)
@@ -128,24 +186,109 @@ class EngineCore:
         self.scheduler.update_from_output(
             scheduled, {rid: token.token_id for rid, token in result.sampled.items()}
         )
-        deltas = []
         for request_id, token in result.sampled.items():
             request = requests[request_id]
             if request is not None:
-                deltas.append(self.emit_token(request, token))
-                if request.is_finished:
-                    self._capture_logits.discard(request_id)
-        if self.trace is not None and not scheduled.is_empty:
-            self.trace.step(started, time.perf_counter(), prefill, decode,
-                            self.scheduler.stats())
-            for delta in deltas:
-                if delta.finished:
-                    self.trace.request(delta.output)
-        return deltas
+                outputs.append(self._output(request, token))
+        if self.trace is not None:
+            self.trace.step(started, time.perf_counter(), prefill, decode, self.stats())
+        return outputs
 
-    def emit_token(self, request: Request, token: SampledToken) -> StreamDelta:
-        """Detokenize a token already appended to ``request``; end it on a stop string."""
-        delta, stop_string = self.outputs.process_token(request, token)
-        if stop_string is not None:
-            self.scheduler.finish_request(request.request_id, "stop", stop_string)
-        return delta
+    def _output(self, request: Request, token: SampledToken) -> EngineOutput:
+        """The output of a token already appended to ``request``."""
+        self._first_token_times.setdefault(request.request_id, time.perf_counter())
+        if request.is_finished:
+            self._capture_logits.discard(request.request_id)
+            self._trace_finished(request)
+        return EngineOutput(
+            request.request_id,
+            [token],
+            request.finish_reason,
+            request.stop_reason,
+            request.num_cached_tokens,
+            request.first_scheduled_time,
+        )
+
+    def _trace_finished(self, request: Request) -> None:
+        first_token_time = self._first_token_times.pop(request.request_id, None)
+        if self.trace is None:
+            return
+        self.trace.request(RequestOutput(
+            request_id=request.request_id,
+            prompt=None,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=request.output_token_ids,
+            finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            arrival_time=request.arrival_time,
+            scheduled_time=request.first_scheduled_time,
+            first_token_time=first_token_time,
+            finished_time=time.perf_counter(),
+        ))
+
+    # -- named operations ------------------------------------------------------------------
+
+    def prefill_and_hold(
+        self, prompt_token_ids: list[int], params: SamplingParams, capture_logits: bool = False
+    ) -> Request:
+        """Add a request whose blocks stay allocated after it finishes, until
+        ``release_held``: its KV can be read (``LLM.prefill``) or sent (a prefill engine)."""
+        request = self.new_request(prompt_token_ids, params)
+        request.hold_kv = True
+        self.add_request(request, capture_logits)
+        return request
+
+    def release_held(self, request: Request) -> None:
+        """Free the blocks of a held request (aborting it first if it still runs)."""
+        if not request.is_finished:
+            self.abort(request.request_id)
+        self.scheduler.release_held(request)
+
+    def reserve(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """A request with blocks for its whole prompt, past what the prefix cache already has
+        (``num_cached_tokens``), that the scheduler does not run: its KV is to be written by
+        someone else (``write_kv``, a KV transport), then ``admit_with_kv`` continues it. No
+        block is offered to the prefix cache before that. RuntimeError if the pool is full."""
+        self.validate_prompt(prompt_token_ids)
+        request = self.new_request(prompt_token_ids, params, request_id)
+        kv = self.scheduler.kv
+        hit = kv.find_cached_prefix(request)
+        num_tokens = len(prompt_token_ids)
+        if not kv.allocate_slots(request, num_tokens - hit.num_tokens, hit, register=False):
+            raise RuntimeError(
+                f"no free KV blocks for a {num_tokens}-token prompt "
+                f"({kv.num_free_blocks} of {kv.num_blocks} blocks free)"
+            )
+        kv.record_prefix_lookup(num_tokens, hit)
+        request.num_cached_tokens = hit.num_tokens
+        return request
+
+    def cancel_reservation(self, request: Request) -> None:
+        """Give a reservation's blocks back."""
+        self.scheduler.kv.free(request)
+
+    def admit_with_kv(self, request: Request, first_token: SampledToken) -> None:
+        """Continue a reserved request whose whole prompt's KV is now in its blocks, from its
+        first token (sampled elsewhere). Its blocks join the prefix cache now; the first
+        token's output is handed out with the next ``step``."""
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.scheduler.kv.register_computed_blocks(request)
+        request.append_output_token(first_token.token_id)
+        if request.is_finished:
+            self.scheduler.kv.free(request)
+        else:
+            self.scheduler.add_request(request)
+        self._queued.append(self._output(request, first_token))
+
+    def block_table(self, request: Request) -> list[int]:
+        return self.scheduler.kv.block_table(request.request_id)
+
+    def sample_first(self, request: Request, logits: torch.Tensor) -> SampledToken:
+        """Sample ``request``'s first token from prefill logits computed elsewhere."""
+        params = request.sampling_params
+        [token] = self.runner.sample(
+            logits.unsqueeze(0), [(request.request_id, params, request.output_token_ids)]
+        ).values()
+        return token

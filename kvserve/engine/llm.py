@@ -8,14 +8,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from kvserve.attention.backend import store_kv
-from kvserve.attention.metadata import build_attention_metadata
-from kvserve.attention.torch_reference import gather_context
 from kvserve.config import EngineConfig
-from kvserve.core.request import Request
 from kvserve.engine.builder import build_engine
-from kvserve.engine.engine_core import EngineCore
+from kvserve.engine.inprocess import InProcessEngine
 from kvserve.engine.output_processor import StreamDelta
+from kvserve.kv_connector import KVConnector
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
@@ -49,9 +46,12 @@ class LLM:
     directory loads that. Keyword options are EngineConfig fields (dtype, kv_cache_memory, ...).
     """
 
-    def __init__(self, model: str | None = None, **options: object) -> None:
+    def __init__(
+        self, model: str | None = None, *, kv_connector: KVConnector | None = None,
+        **options: object,
+    ) -> None:
         self.config = EngineConfig.from_options(model, options)
-        self.engine: EngineCore = build_engine(self.config)
+        self.engine = InProcessEngine(*build_engine(self.config, kv_connector))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -73,7 +73,7 @@ class LLM:
         param_list = _as_param_list(params, len(prompt_list))
         tokenized = self._tokenize_all(prompt_list)
         outputs: list[RequestOutput] = []
-        window = self.engine.scheduler.config.max_num_seqs
+        window = self.engine.core.max_num_seqs
         progress = tqdm(total=len(tokenized), disable=not use_tqdm, unit="req", desc="generate")
         generated = 0
         try:
@@ -100,11 +100,11 @@ class LLM:
 
     def get_stats(self) -> dict[str, int | float]:
         """Queue, KV pool and prefix-cache counters (see ``Scheduler.stats``)."""
-        return self.engine.scheduler.stats()
+        return self.engine.core.stats()
 
     def reset_prefix_cache(self) -> None:
         """Forget cached blocks no request holds (for benchmarks that compare cold runs)."""
-        self.engine.scheduler.kv.reset_prefix_cache()
+        self.engine.core.reset_prefix_cache()
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield one request's text as it is generated (aborted if the caller stops early)."""
@@ -126,67 +126,51 @@ class LLM:
     def prefill(self, prompt: Prompt) -> Prefilled:
         """Phase one alone: compute the prompt's layer-wise KV and the first token's logits."""
         prompt_ids, text = self._tokenize(prompt)
-        engine = self.engine
-        request = engine.new_request(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0))
-        request.hold_kv = True
-        engine.add_request(request, text, capture_logits=True)
-        while not request.is_finished:
-            engine.step()
+        core = self.engine.core
+        request = core.prefill_and_hold(
+            prompt_ids, SamplingParams(max_tokens=1, temperature=0.0), capture_logits=True
+        )
         try:
-            kv = self._export_kv(request.request_id, len(prompt_ids))
+            while not request.is_finished:
+                core.step()
+            table = core.block_table(request)
+            cache = core.kv_cache
+            num_tokens = len(prompt_ids)
+            kv = [cache.read(layer, table, 0, num_tokens) for layer in range(len(cache.layers))]
         finally:
-            engine.scheduler.release_held(request)
-        [logits] = engine.captured_logits.pop(request.request_id)
+            core.release_held(request)
+        [logits] = core.captured_logits.pop(request.request_id)
         return Prefilled(text, prompt_ids, kv, logits)
 
     def decode(self, prefilled: Prefilled, params: SamplingParams | None = None) -> RequestOutput:
         """Phase two alone: load a Prefilled's KV into the cache and generate from it."""
         params = params or SamplingParams()
-        engine = self.engine
-        engine.validate_prompt(prefilled.prompt_token_ids)
-        request = engine.new_request(prefilled.prompt_token_ids, params)
-        self._import_kv(request, prefilled.kv)  # checks shapes before anything is registered
-        output = engine.outputs.add_request(request, prefilled.prompt)
-        [token] = engine.runner.sample(
-            prefilled.logits.unsqueeze(0), [(request.request_id, params, request.output_token_ids)]
-        ).values()
-        request.append_output_token(token.token_id)
-        if request.is_finished:
-            engine.scheduler.kv.free(request)
-        else:
-            engine.scheduler.add_request(request)
-        engine.emit_token(request, token)
+        core = self.engine.core
+        cache = core.kv_cache
+        num_layers = len(cache.layers)
+        expected = (len(prefilled.prompt_token_ids), *cache.layers[0][0].shape[2:])
+        if len(prefilled.kv) != num_layers or any(
+            tuple(k.shape) != expected or tuple(v.shape) != expected for k, v in prefilled.kv
+        ):
+            raise ValueError(f"prefilled KV must have {num_layers} layers of shape {expected}")
+        request = core.reserve(prefilled.prompt_token_ids, params)
+        try:
+            table = core.block_table(request)
+            start = request.num_cached_tokens  # blocks found in the prefix cache hold it already
+            for layer, (keys, values) in enumerate(prefilled.kv):
+                cache.write(layer, table, start, keys[start:], values[start:])
+            first = core.sample_first(request, prefilled.logits)
+        except BaseException:
+            core.cancel_reservation(request)
+            raise
+        output = self.engine.track(
+            request.request_id, prefilled.prompt, request.prompt_token_ids, params,
+            request.arrival_time,
+        )
+        core.admit_with_kv(request, first)
         while not output.finished:
-            engine.step()
+            self.engine.step()
         return output
-
-    def _export_kv(
-        self, request_id: str, num_tokens: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        blocks = torch.tensor(self.engine.scheduler.kv.block_table(request_id), dtype=torch.int64)
-        out = []
-        for k_cache, v_cache in self.engine.runner.kv_cache.layers:
-            keys, values = gather_context(k_cache, v_cache, blocks, num_tokens)
-            out.append((keys.clone(), values.clone()))
-        return out
-
-    def _import_kv(self, request: Request, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        cache = self.engine.runner.kv_cache
-        num_tokens = request.num_prompt_tokens
-        expected = (num_tokens, *cache.layers[0][0].shape[2:])
-        if len(kv) != len(cache.layers) or any(tuple(k.shape) != expected for k, _ in kv):
-            raise ValueError(
-                f"prefilled KV must have {len(cache.layers)} layers of shape {expected}"
-            )
-        if not self.engine.scheduler.kv.allocate_slots(request, num_tokens):
-            raise RuntimeError("no free KV blocks to load the prefilled request into")
-        blocks = self.engine.scheduler.kv.block_table(request.request_id)
-        slots = build_attention_metadata(
-            [num_tokens], [num_tokens], [blocks], cache.block_size
-        ).slot_mapping
-        for (k_cache, v_cache), (keys, values) in zip(cache.layers, kv, strict=True):
-            store_kv(k_cache, v_cache, keys, values, slots)
-        request.num_computed_tokens = num_tokens
 
     def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

@@ -1,15 +1,19 @@
-"""Turns sampled token ids into text, logprobs and timings for each request."""
+"""The front end's half of a step: the core's token ids become text, logprobs and timings for
+each request, cut at stop strings. A request a stop string ends is reported back (the caller
+aborts it in the core with reason "stop"); tokens the core made for it after that are dropped.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from kvserve.core.request import Request
 from kvserve.engine.detokenizer import IncrementalDetokenizer
+from kvserve.engine.messages import EngineOutput
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput, TokenLogprob
-from kvserve.worker.model_runner import SampledToken
+from kvserve.sampling_params import SamplingParams
+from kvserve.step_output import SampledToken
 
 
 @dataclass
@@ -32,55 +36,90 @@ class OutputProcessor:
         self._outputs: dict[str, RequestOutput] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
 
-    def add_request(self, request: Request, prompt: str | None) -> RequestOutput:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+    ) -> RequestOutput:
+        if request_id in self._outputs:
+            raise ValueError(f"request id {request_id!r} is already in use")
         output = RequestOutput(
-            request_id=request.request_id,
+            request_id=request_id,
             prompt=prompt,
-            prompt_token_ids=list(request.prompt_token_ids),
-            logprobs=[] if request.sampling_params.logprobs is not None else None,
-            arrival_time=request.arrival_time,
+            prompt_token_ids=list(prompt_token_ids),
+            logprobs=[] if params.logprobs is not None else None,
+            arrival_time=arrival_time,
         )
-        self._outputs[request.request_id] = output
-        self._detokenizers[request.request_id] = IncrementalDetokenizer(
-            self.tokenizer, request.prompt_token_ids, stop=request.sampling_params.stop
+        self._outputs[request_id] = output
+        self._detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, stop=params.stop
         )
         return output
 
-    def process_token(
-        self, request: Request, token: SampledToken
-    ) -> tuple[StreamDelta, str | None]:
-        """Record one new token; returns the delta and the stop string it completed, if any."""
+    def has(self, request_id: str) -> bool:
+        return request_id in self._outputs
+
+    @property
+    def num_live(self) -> int:
+        return len(self._outputs)
+
+    def process(self, outputs: list[EngineOutput]) -> tuple[list[StreamDelta], list[str]]:
+        """The deltas of a step's outputs, and the ids of requests a stop string ended (to abort
+        in the core). Outputs of requests this processor does not know are ignored."""
+        deltas, stopped = [], []
+        for engine_output in outputs:
+            if engine_output.request_id not in self._outputs:
+                continue  # aborted or stopped here already; the core will hear of it
+            delta, stop_string = self._process(engine_output)
+            deltas.append(delta)
+            if stop_string is not None and engine_output.finish_reason is None:
+                stopped.append(engine_output.request_id)
+        return deltas, stopped
+
+    def _process(self, engine_output: EngineOutput) -> tuple[StreamDelta, str | None]:
         now = time.perf_counter()
-        output = self._outputs[request.request_id]
-        detokenizer = self._detokenizers[request.request_id]
-        output.token_ids.append(token.token_id)
-        output.token_times.append(now)
+        request_id = engine_output.request_id
+        output = self._outputs[request_id]
+        detokenizer = self._detokenizers[request_id]
         if output.first_token_time is None:
             output.first_token_time = now
-            output.scheduled_time = request.first_scheduled_time
-        output.num_cached_tokens = request.num_cached_tokens
-        new_logprobs = None
-        if output.logprobs is not None and token.logprob is not None:
-            new_logprobs = [self._logprob(token)]
-            output.logprobs.extend(new_logprobs)
-        update = detokenizer.append(token.token_id)
-        text = update.delta
-        finished = request.is_finished or update.stop_string is not None
+            output.scheduled_time = engine_output.first_scheduled_time
+        output.num_cached_tokens = engine_output.num_cached_tokens
+        text, token_ids, new_logprobs = "", [], []
+        stop_string = None
+        for token in engine_output.tokens:
+            token_ids.append(token.token_id)
+            output.token_ids.append(token.token_id)
+            output.token_times.append(now)
+            if output.logprobs is not None and token.logprob is not None:
+                new_logprobs.append(self._logprob(token))
+            update = detokenizer.append(token.token_id)
+            text += update.delta
+            if update.stop_string is not None:
+                stop_string = update.stop_string
+                break
+        finished = engine_output.finish_reason is not None or stop_string is not None
         if finished:
-            if update.stop_string is None:
+            if stop_string is None:
                 text += detokenizer.finish()
-            output.finish_reason = (
-                "stop" if update.stop_string is not None else request.finish_reason
+            output.finish_reason = "stop" if stop_string is not None else (
+                engine_output.finish_reason
             )
-            output.stop_reason = update.stop_string if update.stop_string else request.stop_reason
+            output.stop_reason = stop_string if stop_string else engine_output.stop_reason
             output.finished_time = now
+        if output.logprobs is not None:
+            output.logprobs.extend(new_logprobs)
         output.text = detokenizer.text if finished else output.text + text
         delta = StreamDelta(
-            request.request_id, text, [token.token_id], output, finished, new_logprobs
+            request_id, text, token_ids, output, finished,
+            new_logprobs if output.logprobs is not None else None,
         )
         if finished:
-            self._forget(request.request_id)
-        return delta, update.stop_string
+            self._forget(request_id)
+        return delta, stop_string
 
     def abort(self, request_id: str) -> RequestOutput | None:
         output = self._outputs.get(request_id)

@@ -108,3 +108,11 @@ def load_dummy_model(
             tokenizer.vocab_size,
         )
     return LoadedModel(None, config, weights, tokenizer)
+
+
+def load_model_tokenizer(model: str | None, load_format: str = "auto") -> Tokenizer:
+    """The tokenizer ``load_model_files`` would give, without reading any weight (a server's
+    front end, whose engine process loads the weights)."""
+    if load_format == "dummy":
+        return load_tokenizer(resolve_model_source(None))
+    return load_tokenizer(resolve_model_source(model))

@@ -59,7 +59,7 @@ class ServerContext:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import build_attention_metadata
 from kvserve.core.scheduler import ScheduledRequest, SchedulerOutput
+from kvserve.kv_connector import KVConnector
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.sampling_params import SamplingParams
+from kvserve.step_output import SampledToken
 from kvserve.worker.cuda_graphs import DecodeGraphs
-
-if TYPE_CHECKING:
-    from kvserve.disagg.connector import KVSaver
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
-
-
-@dataclass
-class SampledToken:
-    """A sampled token plus, when asked for, its log-probability and the top alternatives."""
-
-    token_id: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +36,7 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
         device: torch.device | str = "cpu",
         decode_graphs: DecodeGraphs | None = None,
+        kv_connector: KVConnector | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -54,7 +44,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = torch.device(device)
         self.decode_graphs = decode_graphs
-        self.kv_saver: KVSaver | None = None  # a prefill engine's KV transfer (kvserve.disagg)
+        self.kv_connector = kv_connector  # a prefill engine's KV saver (kvserve.disagg)
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
@@ -84,12 +74,12 @@ class ModelRunner:
         return out
 
     def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        saver = self.kv_saver
-        if saver is not None and saver.begin_step(scheduled):
+        connector = self.kv_connector
+        if connector is not None and connector.begin_step(scheduled):
             try:
-                return self._forward_eager(scheduled, layer_hook=saver.save_layer)
+                return self._forward_eager(scheduled, layer_hook=connector.save_layer)
             finally:
-                saver.end_step()
+                connector.end_step()
         graphs = self.decode_graphs
         if (
             graphs is not None

@@ -9,29 +9,30 @@ import asyncio
 from kvserve.disagg.pair import DisaggregatedPair
 from kvserve.engine.async_engine import AsyncEngine
 from kvserve.engine.llm import LLM
+from kvserve.engine.messages import AdmitWithKV, ReservedKV, ReserveKV
 from kvserve.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [[200 + (13 * i) % 700 for i in range(n)] for n in (20, 48)]
-
-
-def make_llm() -> LLM:
-    return LLM(dtype="float32", kv_cache_memory="64MiB", max_num_seqs=4)
+OPTIONS = {"dtype": "float32", "kv_cache_memory": "64MiB", "max_num_seqs": 4}
 
 
 def test_streamed_tokens_equal_the_colocated_engine() -> None:
-    expected = [o.token_ids for o in make_llm().generate(PROMPTS, PARAMS, use_tqdm=False)]
-    pair = DisaggregatedPair(make_llm(), make_llm())
-    decode = AsyncEngine(pair.decode.engine)
+    expected = [o.token_ids for o in LLM(**OPTIONS).generate(PROMPTS, PARAMS, use_tqdm=False)]
+    pair = DisaggregatedPair.build(**OPTIONS)
+    decode = AsyncEngine.in_thread(pair.decode.engine.core, pair.decode.tokenizer,
+                                   ops=pair.decode_ops)
     decode.start()
 
     async def one(prompt: list[int]) -> list[int]:
-        loader = pair.loader
-        plan = await decode.call(lambda core: loader.reserve(prompt, PARAMS))
-        first = await asyncio.to_thread(pair._prefill_and_send, prompt, PARAMS, plan)
+        reserved = await decode.call(ReserveKV(prompt, PARAMS))
+        assert isinstance(reserved, ReservedKV)
+        first = await asyncio.to_thread(pair._prefill_and_send, prompt, PARAMS, reserved)
         tokens: list[int] = []
-        admit = lambda core: loader.admit_for_stream(plan.transfer_id, first)  # noqa: E731
-        async for delta in decode.follow(admit):
+        _, deltas = await decode.admit_with_kv(
+            AdmitWithKV(reserved.transfer_id, first), prompt, PARAMS
+        )
+        async for delta in deltas:
             tokens.extend(delta.token_ids)
         return tokens
 

@@ -15,8 +15,11 @@ from kvserve.sampling_params import SamplingParams
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
+OPTIONS = {"dtype": "float32", "kv_cache_memory": "64MiB", "max_num_seqs": 8}
+
+
 def make_llm() -> LLM:
-    return LLM(dtype="float32", kv_cache_memory="64MiB", max_num_seqs=8)
+    return LLM(**OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def colocated() -> LLM:
 
 @pytest.fixture
 def pair():
-    pair = DisaggregatedPair(make_llm(), make_llm())
+    pair = DisaggregatedPair.build(**OPTIONS)
     yield pair
     pair.close()
 

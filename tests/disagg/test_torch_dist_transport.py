@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvserve.disagg.torch_dist_transport import decode_header, encode_header
-from kvserve.disagg.transfer import KVChunk, TransferPlan
+from kvserve.disagg.transfer import KVChunk
 
 TIMEOUT_S = 120
 
@@ -92,47 +92,47 @@ PARAMS = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def engines_worker(rank: int, port: int, plans, tokens, results) -> None:
-    """Rank 0 prefills and sends; rank 1 reserves, receives and decodes."""
+    """Rank 0 prefills and sends; rank 1 reserves, receives and decodes (each through its
+    engine's named KV operations, as a server's engine process runs them)."""
     from kvserve.disagg.connector import KVLoader, KVSaver
+    from kvserve.disagg.core_ops import DecodeOps, PrefillOps
+    from kvserve.disagg.pair import run_op
     from kvserve.disagg.torch_dist_transport import TorchDistReceiver, TorchDistSender
     from kvserve.engine.llm import LLM
+    from kvserve.engine.messages import AdmitWithKV, PrefillAndSend, ReserveKV
     from kvserve.sampling_params import SamplingParams
-    from kvserve.worker.model_runner import SampledToken
 
     try:
         init(rank, port)
-        llm = LLM(dtype="float32", kv_cache_memory="64MiB", max_num_seqs=4)
-        engine = llm.engine
+        options = dict(dtype="float32", kv_cache_memory="64MiB", max_num_seqs=4)
         if rank == 0:
             sender = TorchDistSender(dst=1)
-            saver = KVSaver(sender, engine.runner.kv_cache)
-            engine.runner.kv_saver = saver
+            saver = KVSaver(sender)
+            llm = LLM(kv_connector=saver, **options)
+            ops = PrefillOps(llm.engine.core, saver, lambda rank: sender)
             for prompt in PROMPTS:
-                plan = TransferPlan(*plans.get(timeout=TIMEOUT_S))
-                request = engine.new_request(prompt, SamplingParams(max_tokens=1, temperature=0))
-                request.hold_kv = True
-                saver.add(request.request_id, plan)
-                output = engine.add_request(request)
-                while not request.is_finished:
-                    engine.step()
-                sender.flush()
-                engine.scheduler.release_held(request)
-                tokens.put(output.token_ids[0])
+                transfer_id, num_tokens, skip_tokens = plans.get(timeout=TIMEOUT_S)
+                op = PrefillAndSend(prompt, SamplingParams(**PARAMS), transfer_id, num_tokens,
+                                    skip_tokens, kv_rank=1)
+                tokens.put(run_op(ops, op, wait=llm.engine.step).first_token_id)
             sender.close(stop_receiver=True)
             results.put(("prefill", sender.sent_bytes))
         else:
-            loader = KVLoader(engine)
+            llm = LLM(**options)
+            engine = llm.engine
+            loader = KVLoader(engine.core)
+            ops = DecodeOps(engine.core, loader)
             k_cache = engine.runner.kv_cache.layers[0][0]
             receiver = TorchDistReceiver(loader.deliver, k_cache.shape[2], k_cache.shape[3],
                                          k_cache.dtype)
             outputs = []
             for prompt in PROMPTS:
-                plan = loader.reserve(prompt, SamplingParams(**PARAMS))
+                params = SamplingParams(**PARAMS)
+                plan = run_op(ops, ReserveKV(prompt, params))
                 plans.put((plan.transfer_id, plan.num_tokens, plan.skip_tokens))
                 first = tokens.get(timeout=TIMEOUT_S)
-                while not loader.is_complete(plan.transfer_id):
-                    receiver.join(0.01)
-                outputs.append(loader.admit(plan.transfer_id, SampledToken(first))[0])
+                outputs.append(engine.track(plan.transfer_id, None, prompt, params))
+                run_op(ops, AdmitWithKV(plan.transfer_id, first))  # waits for every layer
             while engine.has_unfinished:
                 engine.step()
             receiver.join(TIMEOUT_S)

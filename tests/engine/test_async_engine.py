@@ -27,7 +27,7 @@ def llm() -> LLM:
 
 @pytest.fixture
 def engine(llm: LLM):
-    async_engine = AsyncEngine(llm.engine, max_queue=None)
+    async_engine = AsyncEngine.in_thread(llm.engine.core, llm.tokenizer, max_queue=None)
     async_engine.start()
     yield async_engine
     async_engine.shutdown(timeout=5)
@@ -76,7 +76,7 @@ def test_a_consumer_that_stops_early_aborts_its_request(engine: AsyncEngine) -> 
 
 
 def test_a_full_queue_refuses_new_requests_and_keeps_nothing(llm: LLM) -> None:
-    engine = AsyncEngine(llm.engine, max_queue=0)
+    engine = AsyncEngine.in_thread(llm.engine.core, llm.tokenizer, max_queue=0)
     engine.start()
     try:
         with pytest.raises(QueueFullError, match="max_queue 0"):
@@ -109,7 +109,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
 
 
 def test_shutdown_ends_in_flight_requests_with_a_clear_error(llm: LLM) -> None:
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine.in_thread(llm.engine.core, llm.tokenizer)
     engine.start()
 
     async def main() -> None:

@@ -36,7 +36,7 @@ def failing_once(llm_f32: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
 def run(llm: LLM, *bodies: dict) -> tuple[list[httpx.Response], ServerMetrics]:
     """Send ``bodies`` one after another to a fresh app over ``llm``'s engine."""
     metrics = ServerMetrics()
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine.in_thread(llm.engine.core, llm.tokenizer)
     app = build_app(engine, llm.tokenizer, "m", metrics=metrics)
 
     async def send_all() -> list[httpx.Response]:
