@@ -45,9 +45,11 @@ MODEL_NAME = "SmolLM2-135M-Instruct"  # what kvserve serves the embedded model a
 INPUT_TOKENS = 128
 OUTPUT_TOKENS = 64
 # requests per point and aiperf's --request-rate (req/s) per concurrency. The rate caps how fast
-# aiperf starts requests; it is above what either server sustains, so the concurrency is the
-# limit, and with it aiperf does not busy-wait a core (../shared/PEERS.md).
-DEFAULT_POINTS = {1: (12, 4.0), 8: (32, 8.0), 32: (96, 16.0)}
+# aiperf starts requests, and with it aiperf does not busy-wait a core (../shared/PEERS.md). It
+# must also not throttle the refill: requests of equal length finish together, and at 16/s a
+# wave of 32 took 2 s to start again (the engine idled 4.4 s of a 38 s run); 8 per slot per
+# second keeps the concurrency the limit.
+DEFAULT_POINTS = {1: (12, 4.0), 8: (32, 64.0), 32: (96, 256.0)}
 PREFIX_TOKENS = 1000
 PREFIX_REQUESTS = 8
 LLAMA_ARGS = ["-t", "2", "-c", "16384", "-np", "32", "-cb", "-fa", "off"]
@@ -74,6 +76,17 @@ def proc_cpu_s(pid: int) -> float:
     """utime + stime of one live process (seconds), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        current = tree[index]
+        path = Path(f"/proc/{current}/task/{current}/children")
+        tree += [int(child) for child in path.read_text().split()] if path.exists() else []
+        index += 1
+    return tree
 
 
 def children_cpu_s() -> float:
@@ -131,7 +144,8 @@ class Server:
         raise RuntimeError(f"{self.kind} not healthy after {timeout} s: {self.log_path}")
 
     def cpu_s(self) -> float:
-        return proc_cpu_s(self.proc.pid)
+        """The server's live process tree: kvserve serve's front end and engine process."""
+        return sum(proc_cpu_s(pid) for pid in process_tree(self.proc.pid))
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -385,12 +399,14 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-RATIOS = [("kvserve", "llama-server"), ("kvserve", "in-process"), ("kvserve", "kvserve-1proc")]
+KINDS = ("kvserve", "kvserve-1proc", "in-process", "in-process-loop", "llama-server")
+RATIOS = [("kvserve", "llama-server"), ("kvserve", "in-process"), ("kvserve", "in-process-loop"),
+          ("kvserve", "kvserve-1proc")]
 
 
 def table(results: dict, prefix: dict) -> str:
     """One column per server kind (and the in-process reference), then kvserve's ratios."""
-    kinds = [k for k in ("kvserve", "kvserve-1proc", "in-process", "llama-server") if k in results]
+    kinds = [k for k in KINDS if k in results]
     pairs = [(a, b) for a, b in RATIOS if a in results and b in results]
     rows = [
         "| metric | " + " | ".join(kinds) + "".join(f" | {a}/{b}" for a, b in pairs) + " |",
@@ -429,13 +445,21 @@ def table(results: dict, prefix: dict) -> str:
     return "\n".join(rows)
 
 
-def in_process_reference(concs: list[int], out: Path) -> dict:
-    """``bench/inprocess_reference.py`` in a fresh process: the same engine, no server."""
+def in_process_reference(concs: list[int], points: dict, out: Path) -> tuple[dict, dict]:
+    """``bench/inprocess_reference.py`` in a fresh process, the same engine with no server:
+    each concurrency as one batch, and as a closed loop of the same requests."""
     script = Path(__file__).with_name("inprocess_reference.py")
-    argv = [sys.executable, str(script), "--batches", ",".join(map(str, concs))]
+    requests = ",".join(f"{c}:{points[c][0]}" for c in concs)
+    argv = [sys.executable, str(script), "--batches", ",".join(map(str, concs)),
+            "--requests", requests]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     (out / "in-process.log").write_text(done.stderr)
-    return {int(batch): values for batch, values in json.loads(done.stdout).items()}
+    batch, loop = {}, {}
+    for conc, values in json.loads(done.stdout).items():
+        batch[int(conc)] = {k: v for k, v in values.items() if not k.startswith("closed_loop_")}
+        loop[int(conc)] = {k.removeprefix("closed_loop_"): v for k, v in values.items()
+                           if k.startswith("closed_loop_")}
+    return batch, loop
 
 
 def main() -> int:
@@ -468,6 +492,9 @@ def main() -> int:
     p.add_argument(
         "--requests", default=None, help="override requests per point, e.g. 1:12,8:32,32:96"
     )
+    p.add_argument(
+        "--rates", default=None, help="override aiperf's --request-rate per point, e.g. 32:64"
+    )
     args = p.parse_args()
     servers = args.servers.split(",")
     if "llama-server" in servers and not args.llama_server:
@@ -479,6 +506,10 @@ def main() -> int:
         for item in args.requests.split(","):
             c, n = item.split(":")
             points[int(c)] = (int(n), points.get(int(c), (0, 4.0 * int(c)))[1])
+    if args.rates:
+        for item in args.rates.split(","):
+            c, r = item.split(":")
+            points[int(c)] = (points[int(c)][0], float(r))
     concs = [int(c) for c in args.concurrency.split(",") if c]
 
     out: Path = args.out
@@ -517,9 +548,13 @@ def main() -> int:
 
     if args.in_process:
         print(f"[{time.strftime('%H:%M:%S')}] in-process reference", flush=True)
-        results["in-process"] = in_process_reference(concs, out)
+        results["in-process"], results["in-process-loop"] = in_process_reference(
+            concs, points, out
+        )
         summary["points"]["in-process"] = results["in-process"]
+        summary["points"]["in-process-loop"] = results["in-process-loop"]
         print(f"    {json.dumps(results['in-process'])}", flush=True)
+        print(f"    {json.dumps(results['in-process-loop'])}", flush=True)
 
     prefix: dict = {}
     if not args.no_prefix:
