@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kvserve.config import EngineConfig, KVRole
 from kvserve.core.request import Request
@@ -50,6 +52,36 @@ def _unsupported(call_id: int, op: CoreOp, role: str) -> CallResult:
     return _invalid(call_id, ValueError(f"a {role} engine does not do {type(op).__name__}"))
 
 
+class _PendingCalls(CoreOps):
+    """Calls answered at once (``_results``) and calls that wait (``_pending``, checked every
+    poll by ``_check``, which returns their result once they have one)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, Any] = {}
+        self._results: list[CallResult] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    def poll(self) -> list[CallResult]:
+        results, self._results = self._results, []
+        now = time.monotonic()
+        for call_id, pending in list(self._pending.items()):
+            result = self._check(call_id, pending, now)
+            if result is not None:
+                del self._pending[call_id]
+                self._finished(pending)
+                results.append(result)
+        return results
+
+    @abstractmethod
+    def _check(self, call_id: int, pending: Any, now: float) -> CallResult | None: ...
+
+    def _finished(self, pending: Any) -> None:
+        """Called once a waiting call has its result."""
+
+
 @dataclass
 class _PendingPrefill:
     request: Request
@@ -58,21 +90,16 @@ class _PendingPrefill:
     finished: float | None = None  # when the prefill itself ended
 
 
-class PrefillOps(CoreOps):
+class PrefillOps(_PendingCalls):
     """A prefill engine's PrefillAndSend: prefill with held blocks, send, then free."""
 
     def __init__(
         self, core: EngineCore, saver: KVSaver, sender_for: Callable[[int], KVTransport]
     ) -> None:
+        super().__init__()
         self.core = core
         self.saver = saver
         self.sender_for = sender_for
-        self._pending: dict[int, _PendingPrefill] = {}
-        self._results: list[CallResult] = []
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._pending)
 
     def submit(self, call_id: int, op: CoreOp) -> None:
         if isinstance(op, GetKVBytes):
@@ -102,17 +129,9 @@ class PrefillOps(CoreOps):
         self.saver.add(request.request_id, plan, transport)
         self._pending[call_id] = _PendingPrefill(request, transport, time.monotonic())
 
-    def poll(self) -> list[CallResult]:
-        results, self._results = self._results, []
-        now = time.monotonic()
-        for call_id, pending in list(self._pending.items()):
-            result = self._check(call_id, pending, now)
-            if result is not None:
-                del self._pending[call_id]
-                self.saver.drop(pending.request.request_id)
-                self.core.release_held(pending.request)
-                results.append(result)
-        return results
+    def _finished(self, pending: _PendingPrefill) -> None:
+        self.saver.drop(pending.request.request_id)
+        self.core.release_held(pending.request)
 
     def _check(self, call_id: int, pending: _PendingPrefill, now: float) -> CallResult | None:
         """The call's result once it has one; None while the prefill or the send goes on."""
@@ -143,15 +162,14 @@ class _PendingAdmission:
     asked: float
 
 
-class DecodeOps(CoreOps):
+class DecodeOps(_PendingCalls):
     """A decode engine's ReserveKV, AdmitWithKV and CancelKV."""
 
     def __init__(self, core: EngineCore, loader: KVLoader) -> None:
+        super().__init__()
         self.core = core
         self.loader = loader
         self._reserved_at: dict[str, float] = {}
-        self._pending: dict[int, _PendingAdmission] = {}
-        self._results: list[CallResult] = []
 
     @property
     def busy(self) -> bool:
@@ -185,13 +203,8 @@ class DecodeOps(CoreOps):
         return CallResult(call_id, ReservedKV(transfer_id, plan.num_tokens, plan.skip_tokens))
 
     def poll(self) -> list[CallResult]:
-        results, self._results = self._results, []
+        results = super().poll()
         now = time.monotonic()
-        for call_id, pending in list(self._pending.items()):
-            result = self._check(call_id, pending, now)
-            if result is not None:
-                del self._pending[call_id]
-                results.append(result)
         waiting = {p.op.transfer_id for p in self._pending.values()}
         for transfer_id, reserved in list(self._reserved_at.items()):
             if transfer_id not in waiting and now - reserved > RESERVATION_LEASE_S:
