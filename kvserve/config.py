@@ -13,6 +13,7 @@ from kvserve.worker.kv_cache import parse_memory_size
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     trace_file: str | None = None  # one JSON line per step and per finished request
+    # CPU weight-only quantization: auto keeps a GGUF's Q4_0/Q4_1 (int4) or Q8_0 (int8) weights
+    # quantized where torch has the kernel; none is the exact float path (the oracle)
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -49,6 +53,13 @@ class EngineConfig:
             raise ValueError(f"load_format={self.load_format!r}; choose one of {LOAD_FORMATS}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose 'auto' or one of {sorted(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization={self.quantization!r}; choose one of {QUANTIZATIONS}"
+            )
+        if self.quantization in ("int4", "int8") and self.device.startswith("cuda"):
+            raise ValueError(f"quantization={self.quantization!r} runs on CPU only; use none "
+                             "(or auto) on a GPU")
         if self.kv_cache_memory is not None:
             parse_memory_size(self.kv_cache_memory)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

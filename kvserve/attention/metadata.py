@@ -28,6 +28,9 @@ class AttentionMetadata:
     query_lens_list: list[int]  # host copies, so backends never sync to read lengths
     seq_lens_list: list[int]
     block_size: int
+    # rows whose tokens were generated (positions past their prompt), for quantized linears
+    # that keep prompt tokens on a dense path; None: not told (every row is treated alike)
+    generated_rows: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:

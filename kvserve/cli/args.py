@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from kvserve.config import DTYPES, LOAD_FORMATS, EngineConfig
+from kvserve.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, EngineConfig
 from kvserve.sampling_params import SamplingParams
 
 
@@ -33,6 +33,14 @@ def add_engine_args(parser: argparse.ArgumentParser, trace: bool = True) -> None
         choices=["auto", *DTYPES],
         help="weights and KV cache dtype; auto = bfloat16 on GPU and where the CPU has fast "
         "bf16 matmul (AMX/AVX512-BF16), else float32",
+    )
+    group.add_argument(
+        "--quantization",
+        default="auto",
+        choices=QUANTIZATIONS,
+        help="CPU weight-only quantization: auto keeps a GGUF's 4-bit (Q4_0/Q4_1) or 8-bit (Q8_0) "
+        "weights quantized on CPU (torch's int4/int8 kernels, LM head in int8); int4/int8 "
+        "quantize any weights on load; none runs the dequantized float weights (the exact path)",
     )
     group.add_argument(
         "--device",

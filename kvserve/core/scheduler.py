@@ -42,6 +42,7 @@ class ScheduledRequest:
     sample: bool  # True when this step reaches the request's last known token
     sampling_params: SamplingParams
     output_token_ids: list[int]
+    num_prompt_tokens: int = 0  # positions from here on hold generated tokens
 
 
 @dataclass
@@ -183,6 +184,7 @@ class Scheduler:
             sample=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             output_token_ids=request.output_token_ids,
+            num_prompt_tokens=request.num_prompt_tokens,
         )
 
     def update_from_output(

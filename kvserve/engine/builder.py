@@ -14,8 +14,10 @@ from kvserve.core.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.engine_core import EngineCore
 from kvserve.kv_connector import KVConnector
 from kvserve.model.config import ModelConfig
+from kvserve.model.gguf_loader import linear_weight_types
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.model.loader import load_model_files
+from kvserve.model.quantize import quantize_model, resolve_quantization
 from kvserve.model.source import ModelSource
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.worker.cuda_graphs import DecodeGraphs
@@ -60,6 +62,7 @@ def build_engine(
         fused_ops=config.on_gpu and config.attention_backend == "triton",
     )
     del loaded.weights
+    _quantize(model, config, loaded.source, dtype)
     backend = create_backend(config.attention_backend)
     # The largest step before the pool is known: what the activation profile must cover.
     max_num_batched_tokens = config.max_num_batched_tokens or min(max_model_len, 8192)
@@ -119,6 +122,21 @@ def build_engine(
         max_model_len, trace,
     )
     return core, loaded.tokenizer
+
+
+def _quantize(
+    model: LlamaForCausalLM, config: EngineConfig, source: ModelSource | None, dtype: torch.dtype
+) -> None:
+    """Apply --quantization (CPU weight-only int4/int8) and say what the weights are. Prefill
+    steps keep running dense in the model's ``dtype`` where that is faster on this CPU."""
+    gguf_types = linear_weight_types(source.path) if source and source.kind == "gguf" else None
+    mode, why = resolve_quantization(config.quantization, gguf_types, config.on_gpu)
+    if mode == "none":
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        logger.info("quantization none (%s): %.1f MiB of weights", why, weight_bytes / 2**20)
+        return
+    report = quantize_model(model, mode, dense_dtype=dtype)
+    logger.info("quantization %s (%s): %s", mode, why, report.describe())
 
 
 def _log_startup(

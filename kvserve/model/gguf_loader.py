@@ -371,3 +371,10 @@ def _read_tensor(
         values = dequantize(chunk.reshape(1, -1), qtype)  # [1, elements in chunk]
         out[first : first + values.size] = values.reshape(-1)
     return torch.from_numpy(out).reshape(info.shape)
+
+
+def linear_weight_types(path: str | Path) -> set[str]:
+    """The GGML types (e.g. {"Q4_1"}) of the decoder layers' 2-D weights in a GGUF file."""
+    header = read_gguf_header(path)
+    return {_type_name(info.ggml_type) for info in header.tensors.values()
+            if info.name.startswith("blk.") and len(info.shape) == 2}

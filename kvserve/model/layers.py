@@ -129,11 +129,21 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.fused_ops = fused_ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+    def forward(self, x: torch.Tensor, generated_rows: torch.Tensor | None = None) -> torch.Tensor:
+        gate_up = project(self.gate_up_proj, x, generated_rows)  # [num_tokens, 2 * intermediate]
         if self.fused_ops:
             from kvserve.kernels.fused_ops import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
+            return project(self.down_proj, silu_and_mul(gate_up), generated_rows)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return project(self.down_proj, F.silu(gate) * up, generated_rows)
+
+
+def project(
+    linear: nn.Module, x: torch.Tensor, generated_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """``linear(x)``; a quantized linear (``model.quantize``) is also told which rows hold
+    generated tokens, so a token takes the same path whatever else is in the step."""
+    if generated_rows is None or isinstance(linear, nn.Linear):
+        return linear(x)
+    return linear(x, generated_rows)

@@ -18,7 +18,7 @@ from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kernels.availability import HAS_TRITON
 from kvserve.model.config import ModelConfig
-from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, project
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
 
@@ -54,7 +54,8 @@ class Attention(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)  # [tokens, heads, dim]
+        rows = metadata.generated_rows
+        qkv = project(self.qkv_proj, hidden, rows).view(num_tokens, -1, self.head_dim)
         qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -65,7 +66,7 @@ class Attention(nn.Module):
         out = backend.forward(
             q, k, v, k_cache, v_cache, metadata, self.scale
         )  # [tokens, heads, dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return project(self.o_proj, out.reshape(num_tokens, self.q_size), rows)
 
 
 class DecoderLayer(nn.Module):
@@ -96,7 +97,7 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, positions, kv_cache, metadata, backend)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, metadata.generated_rows), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -130,6 +131,7 @@ class LlamaForCausalLM(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        self.quantized_lm_head: nn.Module | None = None  # set by model.quantize
 
     def forward(
         self,
@@ -153,6 +155,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> float32 [num_rows, vocab_size]."""
+        if self.quantized_lm_head is not None:
+            return self.quantized_lm_head(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 

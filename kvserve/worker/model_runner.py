@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,6 +111,11 @@ class ModelRunner:
             block_size=self.kv_cache.block_size,
             device=self.device,
         )
+        if self.model.quantized_lm_head is not None:  # quantized linears: prompt rows go dense
+            rows = generated_rows(scheduled)
+            metadata = dataclasses.replace(
+                metadata, generated_rows=torch.tensor(rows, dtype=torch.int64, device=self.device)
+            )
         return self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=self.device),
             torch.tensor(positions, dtype=torch.int64, device=self.device),
@@ -150,6 +156,18 @@ class ModelRunner:
 
     def drop_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+
+
+def generated_rows(scheduled: list[ScheduledRequest]) -> list[int]:
+    """Rows of the flattened step whose positions are past their request's prompt."""
+    rows: list[int] = []
+    row = 0
+    for item in scheduled:
+        first = max(item.start_position, item.num_prompt_tokens)
+        end = item.start_position + len(item.token_ids)
+        rows.extend(range(row + first - item.start_position, row + len(item.token_ids)))
+        row += end - item.start_position
+    return rows
 
 
 def _query_ends(scheduled: list[ScheduledRequest], sampling: list[ScheduledRequest]) -> list[int]:

@@ -88,7 +88,7 @@ def disaggregated(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def colocated() -> LLM:
-    return LLM(dtype="float32", kv_cache_memory="64MiB")
+    return LLM(dtype="float32", kv_cache_memory="64MiB", quantization="none")
 
 
 @pytest.fixture(scope="module")
