@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from kvserve.config import EngineConfig
+from kvserve.config import EngineConfig, KVRole
 from kvserve.engine.core_client import CoreClient, ThreadCoreClient
 from kvserve.engine.core_loop import CoreOps
 from kvserve.engine.engine_core import EngineCore, validate_prompt
@@ -112,14 +112,14 @@ class AsyncEngine:
 
     @classmethod
     def in_process(
-        cls, config: EngineConfig, max_queue: int | None = None, kv_role: object = None
+        cls, config: EngineConfig, max_queue: int | None = None, kv_role: KVRole | None = None
     ) -> AsyncEngine:
         """The core in its own process (``kvserve serve``); only the tokenizer loads here."""
         from kvserve.engine.process_client import ProcessCoreClient
         from kvserve.model.loader import load_model_tokenizer
 
         tokenizer = load_model_tokenizer(config.model, config.load_format)
-        return cls(ProcessCoreClient(config, kv_role), tokenizer, max_queue)  # type: ignore[arg-type]
+        return cls(ProcessCoreClient(config, kv_role), tokenizer, max_queue)
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -58,24 +58,68 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-class Int4Linear(nn.Module):
-    """``x @ W.T + b`` with W in torch's packed CPU int4 format (see the module docstring).
+class QuantizedLinear(nn.Module):
+    """``x @ W.T + b`` with W quantized (subclasses say how: ``quantized_matmul``).
 
-    torch's int4 kernel is made for a few rows (decode) and is many times slower than a dense
-    matmul for a prefill's hundreds (12x bf16 with AMX at 1,024 rows on the 2-core Xeon). With
-    ``dense_dtype`` the layer keeps a dense copy of W and runs prompt tokens through it, and
-    generated tokens through int4: a decode step reads the int4 weights, a prefill runs at the
-    dense rate, and each token's path depends on its position alone.
+    torch's int4 and int8 kernels are made for a few rows (decode) and are many times slower
+    than a dense matmul for a prefill's hundreds (at 1,024 rows on the 2-core Xeon: int4 12x
+    and int8 13x slower than bf16 with AMX, and both slower than float32). With ``dense_dtype``
+    the layer keeps a dense copy of W and runs prompt tokens through it, and generated tokens
+    through the quantized kernel: a decode step reads the quantized weights, a prefill runs at
+    the dense rate, and each token's path depends on its position alone.
     """
 
     def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        dense_dtype: torch.dtype | None = None,
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dense_dtype: torch.dtype | None
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        dense = None if dense_dtype is None else weight.detach().to(dense_dtype).clone()
+        self.register_buffer("dense", dense, persistent=False)  # [N, K] or None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+
+    @property
+    def num_bytes(self) -> int:
+        """What a decode step reads (the dense copy is read for prompt tokens only)."""
+        return _bytes(*self.quantized_tensors(), self.bias)
+
+    def quantized_tensors(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def quantized_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """[tokens, K] (any float dtype) -> [tokens, N] through the quantized kernel."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, generated_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``generated_rows`` (the step's rows past their prompt) take the quantized kernel and
+        the others the dense copy; without it, or without a dense copy, every row takes the
+        kernel. So a token's path depends on its own position only, never on its batch."""
+        flat = x.reshape(-1, self.in_features)
+        if self.dense is None or generated_rows is None or generated_rows.numel() == flat.shape[0]:
+            out = self.quantized_matmul(flat)
+        elif generated_rows.numel() == 0:
+            out = self.dense_matmul(flat)
+        else:
+            out = self.dense_matmul(flat)
+            out[generated_rows] = self.quantized_matmul(flat[generated_rows]).to(out.dtype)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def dense_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        assert self.dense is not None
+        return nn.functional.linear(flat.to(self.dense.dtype), self.dense)
+
+
+class Int4Linear(QuantizedLinear):
+    """W in torch's packed CPU int4 format, groups of 32 (see the module docstring)."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None,
+        dense_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(weight, bias, dense_dtype)
         q, scales, zeros = quantize_int4(weight)
         self.register_buffer(
             "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False
@@ -85,65 +129,38 @@ class Int4Linear(nn.Module):
             torch.stack([scales.t(), zeros.t()], dim=-1).contiguous().to(ACTIVATION_DTYPE),
             persistent=False,
         )
-        dense = None if dense_dtype is None else weight.detach().to(dense_dtype).clone()
-        self.register_buffer("dense", dense, persistent=False)  # [N, K] or None
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
 
-    @property
-    def num_bytes(self) -> int:
-        """What a decode step reads (the dense copy is read by prefill steps only)."""
-        return _bytes(self.packed, self.scales_and_zeros, self.bias)
+    def quantized_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.scales_and_zeros
 
-    def forward(
-        self, x: torch.Tensor, generated_rows: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``generated_rows`` (the step's rows past their prompt) take the int4 kernel and the
-        others the dense copy; without it, or without a dense copy, every row takes int4. So a
-        token's path depends on its own position only, never on what else the step holds."""
-        flat = x.reshape(-1, self.in_features)
-        if self.dense is None or generated_rows is None or generated_rows.numel() == flat.shape[0]:
-            out = self.int4_matmul(flat)
-        elif generated_rows.numel() == 0:
-            out = self.dense_matmul(flat)
-        else:
-            out = self.dense_matmul(flat)
-            out[generated_rows] = self.int4_matmul(flat[generated_rows]).to(out.dtype)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
-
-    def int4_matmul(self, flat: torch.Tensor) -> torch.Tensor:  # [tokens, K] -> [tokens, N]
+    def quantized_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.to(ACTIVATION_DTYPE), self.packed, GROUP_SIZE, self.scales_and_zeros
         )
 
-    def dense_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        assert self.dense is not None
-        return nn.functional.linear(flat.to(self.dense.dtype), self.dense)
 
+class Int8Linear(QuantizedLinear):
+    """W as int8 with one scale per output row."""
 
-class Int8Linear(nn.Module):
-    """``x @ W.T + b`` with W as int8 and one scale per output row."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+        dense_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(weight, bias, dense_dtype)
         q, scales = quantize_int8(weight)
         self.register_buffer("weight_int8", q, persistent=False)  # [N, K]
         self.register_buffer("scales", scales.to(ACTIVATION_DTYPE), persistent=False)  # [N]
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
 
-    @property
-    def num_bytes(self) -> int:
-        return _bytes(self.weight_int8, self.scales, self.bias)
+    def quantized_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.weight_int8, self.scales
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+    def quantized_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(
+            flat.to(ACTIVATION_DTYPE), self.weight_int8, self.scales
+        )
 
 
 def _bytes(*tensors: torch.Tensor | None) -> int:
@@ -157,7 +174,7 @@ class QuantizationReport:
     layers: str  # format of the decoder layers' linears
     lm_head: str
     weight_bytes: int  # every weight a decode step reads (linears, norms, the LM head)
-    dense_dtype: torch.dtype | None  # int4: prompt tokens run through a dense copy
+    dense_dtype: torch.dtype | None  # prompt tokens run through a dense copy in this dtype
 
     def describe(self) -> str:
         dense = ""
@@ -173,13 +190,13 @@ def quantize_model(model: nn.Module, mode: str, dense_dtype: torch.dtype | None 
     """Replace ``model``'s linears (qkv, o, gate-up, down of every layer) with ``mode``
     ("int4" or "int8") layers and its LM head with an int8 one; returns what it did.
 
-    With ``dense_dtype``, int4 layers keep a dense copy for prompt tokens (see Int4Linear)."""
+    With ``dense_dtype``, the layers keep a dense copy for prompt tokens (QuantizedLinear)."""
     if mode not in ("int4", "int8"):
         raise ValueError(f"quantization must be int4 or int8 here, got {mode!r}")
+    kind = Int8Linear if mode == "int8" else Int4Linear
+
     def make(linear: nn.Linear) -> nn.Module:
-        if mode == "int8":
-            return Int8Linear(linear.weight, linear.bias)
-        return Int4Linear(linear.weight, linear.bias, dense_dtype)
+        return kind(linear.weight, linear.bias, dense_dtype)
 
     with torch.no_grad():
         for layer in model.layers:
@@ -190,11 +207,10 @@ def quantize_model(model: nn.Module, mode: str, dense_dtype: torch.dtype | None 
         model.quantized_lm_head = Int8Linear(head)
         if model.lm_head is not None:
             model.lm_head = None  # the quantized copy is the one used; no float copy kept
-    linears = sum(m.num_bytes for m in model.modules() if isinstance(m, Int4Linear | Int8Linear))
+    linears = sum(m.num_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
     norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if "norm" in n)
-    return QuantizationReport(mode, "int8", linears + norms,
-                              dense_dtype if mode == "int4" else None)
+    return QuantizationReport(mode, "int8", linears + norms, dense_dtype)
 
 
 # The GGML block types whose weights a torch kernel can keep as they are stored.
