@@ -58,6 +58,14 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+# Above this many generated tokens in one step, the dense copy is faster than the quantized
+# kernels (measured on the 2-core Xeon with AMX, decode of the embedded model: with bf16 int4
+# wins at 8 rows, 285 vs 215 tokens/s, and loses at 16 and more, 412 vs 524 at 32; against
+# float32 it wins up to 32, 382 vs 374, and loses at 64, 413 vs 489). Fixed numbers, not timed
+# at start, so that the same batch takes the same path on every run.
+MAX_QUANTIZED_ROWS = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 32}
+
+
 class QuantizedLinear(nn.Module):
     """``x @ W.T + b`` with W quantized (subclasses say how: ``quantized_matmul``).
 
@@ -65,8 +73,10 @@ class QuantizedLinear(nn.Module):
     than a dense matmul for a prefill's hundreds (at 1,024 rows on the 2-core Xeon: int4 12x
     and int8 13x slower than bf16 with AMX, and both slower than float32). With ``dense_dtype``
     the layer keeps a dense copy of W and runs prompt tokens through it, and generated tokens
-    through the quantized kernel: a decode step reads the quantized weights, a prefill runs at
-    the dense rate, and each token's path depends on its position alone.
+    through the quantized kernel while a step has at most ``MAX_QUANTIZED_ROWS`` of them: a
+    decode step reads the quantized weights, a prefill or a large decode batch runs at the
+    dense rate, and a token's path depends on its position and its step's number of decodes,
+    never on how the step's prompts are chunked or cached.
     """
 
     def __init__(
@@ -76,6 +86,7 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         dense = None if dense_dtype is None else weight.detach().to(dense_dtype).clone()
         self.register_buffer("dense", dense, persistent=False)  # [N, K] or None
+        self.max_quantized_rows = MAX_QUANTIZED_ROWS.get(dense_dtype, 0) if dense_dtype else 0
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
 
     @property
@@ -93,14 +104,16 @@ class QuantizedLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, generated_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``generated_rows`` (the step's rows past their prompt) take the quantized kernel and
-        the others the dense copy; without it, or without a dense copy, every row takes the
-        kernel. So a token's path depends on its own position only, never on its batch."""
+        """``generated_rows`` (the step's rows past their prompt) take the quantized kernel,
+        unless there are more than ``max_quantized_rows`` of them, and the others the dense
+        copy; without ``generated_rows``, or without a dense copy, every row takes the kernel."""
         flat = x.reshape(-1, self.in_features)
-        if self.dense is None or generated_rows is None or generated_rows.numel() == flat.shape[0]:
+        if self.dense is None or generated_rows is None:
             out = self.quantized_matmul(flat)
-        elif generated_rows.numel() == 0:
+        elif generated_rows.numel() == 0 or generated_rows.numel() > self.max_quantized_rows:
             out = self.dense_matmul(flat)
+        elif generated_rows.numel() == flat.shape[0]:
+            out = self.quantized_matmul(flat)
         else:
             out = self.dense_matmul(flat)
             out[generated_rows] = self.quantized_matmul(flat[generated_rows]).to(out.dtype)
@@ -180,7 +193,9 @@ class QuantizationReport:
         dense = ""
         if self.dense_dtype is not None:
             name = str(self.dense_dtype).removeprefix("torch.")
-            dense = f"; prompt tokens run through a dense {name} copy (prefill speed)"
+            rows = MAX_QUANTIZED_ROWS.get(self.dense_dtype, 0)
+            dense = (f"; prompt tokens, and steps of more than {rows} decodes, run through a "
+                     f"dense {name} copy (faster there)")
         return (f"decoder linears {self.layers}, LM head {self.lm_head}; a decode step reads "
                 f"{self.weight_bytes / 2**20:.1f} MiB of weights{dense}")
 
