@@ -206,7 +206,3 @@ class KVLoader:
             reservation = self._reservations.pop(transfer_id, None)
         if reservation is not None:
             self.core.cancel_reservation(reservation.request)
-
-    def transfer_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._reservations)

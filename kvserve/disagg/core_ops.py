@@ -171,9 +171,9 @@ class DecodeOps(_PendingCalls):
         self.loader = loader
         self._reserved_at: dict[str, float] = {}
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._pending or self._reserved_at)
+    # ``busy`` (the base's) counts only admissions that wait for KV: a reservation's lease is
+    # checked on every turn of the loop, and an idle loop turns twice a second, soon enough for
+    # a 60 s lease without waking the loop every millisecond.
 
     def submit(self, call_id: int, op: CoreOp) -> None:
         if isinstance(op, ReserveKV):

@@ -59,13 +59,6 @@ class OutputProcessor:
         )
         return output
 
-    def has(self, request_id: str) -> bool:
-        return request_id in self._outputs
-
-    @property
-    def num_live(self) -> int:
-        return len(self._outputs)
-
     def process(self, outputs: list[EngineOutput]) -> tuple[list[StreamDelta], list[str]]:
         """The deltas of a step's outputs, and the ids of requests a stop string ended (to abort
         in the core). Outputs of requests this processor does not know are ignored."""

@@ -53,10 +53,6 @@ class ProcessCoreClient(CoreClient):
         self._reader: threading.Thread | None = None
         self._closing = threading.Event()
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
     def start(self, on_message: MessageHandler, on_death: DeathHandler) -> EngineReady:
         to_core = f"ipc://{self._directory}/to-core"
         to_front = f"ipc://{self._directory}/to-front"
