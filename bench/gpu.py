@@ -154,7 +154,7 @@ def section_parity(args: argparse.Namespace) -> None:
 
 def decode_host_gap(llm: LLM, tokens_per_s: float) -> tuple[float, float]:
     """(step ms, ms of the batch-1 graph's replay alone): their difference is host time."""
-    graphs = llm.engine.runner.decode_graphs
+    graphs = llm.engine.runner.decode_step
     if graphs is None:
         return 1e3 / tokens_per_s, float("nan")
     replay_ms = time_cuda_ms(graphs._graphs[1].replay, repeats=50)
@@ -163,7 +163,7 @@ def decode_host_gap(llm: LLM, tokens_per_s: float) -> tuple[float, float]:
 
 def time_graph_replays(llm: LLM) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
     """Record CUDA events around every decode-graph step (input copies + replay) from now on."""
-    graphs = llm.engine.runner.decode_graphs
+    graphs = llm.engine.runner.decode_step
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     if graphs is None:
         return events

@@ -22,6 +22,7 @@ import torch
 from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.model.llama import KVCaches, LlamaForCausalLM
+from kvserve.worker.decode_inputs import decode_inputs
 
 logger = logging.getLogger("kvserve")
 
@@ -109,18 +110,9 @@ class DecodeGraphs:
         """Replay the smallest bucket that holds these decodes; [num_reqs, hidden] out."""
         num_reqs = len(input_ids)
         size = next(s for s in self.sizes if s >= num_reqs)
-        width = max(len(table) for table in block_tables)
-        tables = np.zeros((num_reqs, width), dtype=np.int64)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = table
-        pos = np.asarray(positions, dtype=np.int64)
-        current = tables[np.arange(num_reqs), pos // self.block_size]
-        rows = np.stack([
-            np.asarray(input_ids, dtype=np.int64),
-            pos,
-            current * self.block_size + pos % self.block_size,
-            pos + 1,
-        ])
+        inputs = decode_inputs(input_ids, positions, block_tables, self.block_size)
+        tables, rows = inputs.block_tables, inputs.rows
+        width = tables.shape[1]
         host_rows = self._host_rows.numpy()
         host_rows[:, :num_reqs] = rows
         host_rows[:, num_reqs:size] = np.array([[0], [0], [-1], [0]])  # padding rows

@@ -15,7 +15,7 @@ from kvserve.kv_connector import KVConnector
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
-from kvserve.worker.cuda_graphs import DecodeGraphs
+from kvserve.worker.decode_inputs import DecodeStep
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
 
@@ -36,7 +36,7 @@ class ModelRunner:
         backend: AttentionBackend,
         eos_token_ids: frozenset[int],
         device: torch.device | str = "cpu",
-        decode_graphs: DecodeGraphs | None = None,
+        decode_step: DecodeStep | None = None,
         kv_connector: KVConnector | None = None,
     ) -> None:
         self.model = model
@@ -44,7 +44,7 @@ class ModelRunner:
         self.backend = backend
         self.eos_token_ids = eos_token_ids
         self.device = torch.device(device)
-        self.decode_graphs = decode_graphs
+        self.decode_step = decode_step  # CUDA graphs (GPU) or a compiled step (CPU)
         self.kv_connector = kv_connector  # a prefill engine's KV saver (kvserve.disagg)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -81,13 +81,13 @@ class ModelRunner:
                 return self._forward_eager(scheduled, layer_hook=connector.save_layer)
             finally:
                 connector.end_step()
-        graphs = self.decode_graphs
+        fast = self.decode_step
         if (
-            graphs is not None
-            and len(scheduled) <= graphs.max_batch
+            fast is not None
+            and len(scheduled) <= fast.max_batch
             and all(len(s.token_ids) == 1 for s in scheduled)
         ):
-            return graphs.run(
+            return fast.run(
                 [s.token_ids[0] for s in scheduled],
                 [s.start_position for s in scheduled],
                 [s.block_ids for s in scheduled],
