@@ -33,7 +33,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # triton on cuda, sdpa on cpu
     num_threads: int | None = None
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    enforce_eager: bool = False  # decode steps eager: no CUDA graphs (GPU), no compiled step (CPU)
     trace_file: str | None = None  # one JSON line per step and per finished request
     # CPU weight-only quantization: auto keeps a GGUF's Q4_0/Q4_1 (int4) or Q8_0 (int8) weights
     # quantized where torch has the kernel; none is the exact float path (the oracle)

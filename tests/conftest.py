@@ -47,4 +47,5 @@ def llm_f32():
     """The embedded model in float32 with a small pool of 16-token blocks."""
     from kvserve import LLM
 
-    return LLM(dtype="float32", kv_cache_memory="64MiB", block_size=16, quantization="none")
+    return LLM(dtype="float32", kv_cache_memory="64MiB", block_size=16, quantization="none",
+               enforce_eager=True)

@@ -62,7 +62,8 @@ def add_engine_args(parser: argparse.ArgumentParser, trace: bool = True) -> None
     group.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="GPU: run decode steps eagerly instead of replaying captured CUDA graphs",
+        help="run decode steps eagerly: no captured CUDA graphs on GPU, no compiled decode step on "
+        "CPU (it is compiled at start, a few seconds once inductor's cache is warm)",
     )
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     group.add_argument(

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from kvserve.analysis.trace import StepTrace
-from kvserve.attention.backend import create_backend
+from kvserve.attention.backend import AttentionBackend, create_backend
 from kvserve.config import EngineConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler, SchedulerConfig
@@ -20,7 +20,9 @@ from kvserve.model.loader import load_model_files
 from kvserve.model.quantize import quantize_model, resolve_quantization
 from kvserve.model.source import ModelSource
 from kvserve.model.tokenizer import Tokenizer
+from kvserve.worker.compiled_decode import COMPILED_MAX_BATCH, CompiledDecode
 from kvserve.worker.cuda_graphs import DecodeGraphs
+from kvserve.worker.decode_inputs import DecodeStep
 from kvserve.worker.gpu_memory import plan_kv_cache
 from kvserve.worker.kv_cache import PagedKVCache, allocate_kv_cache
 from kvserve.worker.model_runner import ModelRunner
@@ -96,13 +98,7 @@ def build_engine(
     _log_startup(config, loaded.source, model_config, dtype, kv_cache, scheduler_config)
     if memory_plan is not None:
         logger.info("%s", memory_plan.describe())
-    decode_graphs = None
-    if config.on_gpu and not config.enforce_eager:
-        decode_graphs = DecodeGraphs(
-            model, kv_cache.layers, backend, kv_cache.block_size, config.max_num_seqs,
-            max_model_len, device,
-        )
-        decode_graphs.capture()
+    decode_step = _fast_decode_step(model, kv_cache, backend, config, max_model_len, device)
     if kv_connector is not None:
         kv_connector.bind(kv_cache)
     runner = ModelRunner(
@@ -111,7 +107,7 @@ def build_engine(
         backend,
         loaded.tokenizer.eos_token_ids,
         device,
-        decode_graphs,
+        decode_step,
         kv_connector,
     )
     trace = StepTrace(config.trace_file) if config.trace_file else None
@@ -122,6 +118,40 @@ def build_engine(
         max_model_len, trace,
     )
     return core, loaded.tokenizer
+
+
+def _fast_decode_step(
+    model: LlamaForCausalLM,
+    kv_cache: PagedKVCache,
+    backend: AttentionBackend,
+    config: EngineConfig,
+    max_model_len: int,
+    device: torch.device,
+) -> DecodeStep | None:
+    """CUDA graphs on GPU, the compiled step on CPU; None with --enforce-eager. Built before
+    any request exists (their warm-up steps write throwaway K/V into an empty pool)."""
+    if config.enforce_eager:
+        return None
+    if config.on_gpu:
+        graphs = DecodeGraphs(
+            model, kv_cache.layers, backend, kv_cache.block_size, config.max_num_seqs,
+            max_model_len, device,
+        )
+        graphs.capture()
+        return graphs
+    compiled = CompiledDecode(
+        model, kv_cache.layers, kv_cache.block_size,
+        min(config.max_num_seqs, COMPILED_MAX_BATCH),
+    )
+    try:
+        compiled.compile()
+    except Exception as error:  # e.g. no C++ compiler: inductor needs one; eager still works
+        logger.warning(
+            "compiling the CPU decode step failed, so decode steps run eagerly "
+            "(--enforce-eager skips the attempt): %s", f"{type(error).__name__}: {error}"[:500],
+        )
+        return None
+    return compiled
 
 
 def _quantize(
@@ -178,5 +208,5 @@ def _log_startup(
         scheduler_config.max_num_batched_tokens,
         "on" if config.enable_prefix_caching else "off",
         config.attention_backend,
-        "" if not config.on_gpu else (", eager" if config.enforce_eager else ", CUDA graphs"),
+        ", eager" if config.enforce_eager else (", CUDA graphs" if config.on_gpu else ", compiled"),
     )

@@ -12,8 +12,8 @@ import pytest
 
 from kvserve.cli.main import main
 
-SHORT = ["--dtype", "float32", "--kv-cache-memory", "128MiB", "--prefill-lengths", "16,256",
-         "--batch-sizes", "1,8", "--contexts", "64"]
+SHORT = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory", "128MiB",
+         "--prefill-lengths", "16,256", "--batch-sizes", "1,8", "--contexts", "64"]
 
 
 def test_short_analyze_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ def test_bench_trace_lines_add_up(tmp_path: Path, capsys: pytest.CaptureFixture[
     trace = tmp_path / "trace.jsonl"
     code = main(["bench", "throughput", "--num-requests", "5", "--input-len", "10:40",
                  "--output-len", "3:9", "--dtype", "float32", "--kv-cache-memory", "64MiB",
+                 "--enforce-eager",
                  "--trace", str(trace)])
     capsys.readouterr()
     assert code == 0

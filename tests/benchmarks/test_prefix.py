@@ -21,8 +21,8 @@ TOKEN_IDS = list(range(100, 1000))
 @pytest.fixture(scope="module")
 def llm_no_cache() -> LLM:
     """Random weights (prefill counts do not depend on them), prefix caching off."""
-    return LLM("smollm2-135m", load_format="dummy", dtype="float32", kv_cache_memory="16MiB",
-               enable_prefix_caching=False)
+    return LLM("smollm2-135m", load_format="dummy", dtype="float32", enforce_eager=True,
+               kv_cache_memory="16MiB", enable_prefix_caching=False)
 
 
 def test_expected_counts_follow_the_block_rule() -> None:

@@ -44,8 +44,8 @@ def test_every_requested_token_is_generated_and_counted(llm_f32: LLM) -> None:
 
 
 def test_peak_running_is_bounded_by_max_num_seqs(monkeypatch: pytest.MonkeyPatch) -> None:
-    llm = LLM("smollm2-135m", load_format="dummy", dtype="float32", kv_cache_memory="16MiB",
-              max_num_seqs=2)
+    llm = LLM("smollm2-135m", load_format="dummy", dtype="float32", enforce_eager=True,
+              kv_cache_memory="16MiB", max_num_seqs=2)
     requests = tiny_workload(llm, num_requests=4, seed=1)
     monkeypatch.setattr(throughput, "LOG_EVERY_S", 0.0)  # a progress line after every step
     lines: list[str] = []

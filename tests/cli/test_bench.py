@@ -13,7 +13,7 @@ from kvserve.cli.main import build_parser, main
 from kvserve.config import EngineConfig
 
 TINY_ENGINE = ["--dtype", "float32", "--kv-cache-memory", "16MiB"]
-DUMMY = ["--load-format", "dummy", "--model", "smollm2-135m"]
+DUMMY = ["--load-format", "dummy", "--model", "smollm2-135m", "--enforce-eager"]
 
 
 def bench_parser(name: str):

@@ -51,6 +51,7 @@ def test_generate_streams_the_completion(capsys: pytest.CaptureFixture[str]) -> 
             "float32",
             "--kv-cache-memory",
             "32MiB",
+            "--enforce-eager",
         ]
     )
     captured = capsys.readouterr()

@@ -14,8 +14,8 @@ from kvserve.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [[200 + (13 * i) % 700 for i in range(n)] for n in (20, 48)]
-OPTIONS = {"dtype": "float32", "quantization": "none", "kv_cache_memory": "64MiB",
-           "max_num_seqs": 4}
+OPTIONS = {"dtype": "float32", "quantization": "none", "enforce_eager": True,
+           "kv_cache_memory": "64MiB", "max_num_seqs": 4}
 
 
 def test_streamed_tokens_equal_the_colocated_engine() -> None:

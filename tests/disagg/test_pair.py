@@ -15,8 +15,8 @@ from kvserve.sampling_params import SamplingParams
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-OPTIONS = {"dtype": "float32", "quantization": "none", "kv_cache_memory": "64MiB",
-           "max_num_seqs": 8}
+OPTIONS = {"dtype": "float32", "quantization": "none", "enforce_eager": True,
+           "kv_cache_memory": "64MiB", "max_num_seqs": 8}
 
 
 def make_llm() -> LLM:

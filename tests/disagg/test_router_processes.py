@@ -88,7 +88,7 @@ def disaggregated(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def colocated() -> LLM:
-    return LLM(dtype="float32", kv_cache_memory="64MiB", quantization="none")
+    return LLM(dtype="float32", kv_cache_memory="64MiB", quantization="none", enforce_eager=True)
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,8 @@ def engines_worker(rank: int, port: int, plans, tokens, results) -> None:
 
     try:
         init(rank, port)
-        options = dict(dtype="float32", quantization="none", kv_cache_memory="64MiB",
-                       max_num_seqs=4)
+        options = dict(dtype="float32", quantization="none", enforce_eager=True,
+                       kv_cache_memory="64MiB", max_num_seqs=4)
         if rank == 0:
             sender = TorchDistSender(dst=1)
             saver = KVSaver(sender)
@@ -158,8 +158,8 @@ def test_prefill_and_decode_engines_in_two_processes_match_colocated() -> None:
     for proc in procs:
         proc.join(TIMEOUT_S)
     assert "error" not in got, got.get("error")
-    colocated = LLM(dtype="float32", quantization="none", kv_cache_memory="64MiB",
-                    max_num_seqs=4)
+    colocated = LLM(dtype="float32", quantization="none", enforce_eager=True,
+                    kv_cache_memory="64MiB", max_num_seqs=4)
     expected = colocated.generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False)
     assert got["decode"] == [o.token_ids for o in expected]
     assert got["prefill"] > 0

@@ -22,7 +22,7 @@ PROMPTS = [[100 + i, 200 + i, 300, 400 + 7 * i, 17, 18 + i] for i in range(6)]
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(dtype="float32", kv_cache_memory="16MiB", quantization="none")
+    return LLM(dtype="float32", kv_cache_memory="16MiB", quantization="none", enforce_eager=True)
 
 
 @pytest.fixture

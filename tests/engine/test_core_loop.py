@@ -27,7 +27,7 @@ PROMPT = [100, 200, 300, 400, 500]
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(dtype="float32", kv_cache_memory="16MiB", quantization="none")
+    return LLM(dtype="float32", kv_cache_memory="16MiB", quantization="none", enforce_eager=True)
 
 
 @pytest.fixture

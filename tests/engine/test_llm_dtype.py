@@ -9,7 +9,7 @@ from kvserve.config import EngineConfig, cpu_has_fast_bf16
 
 
 def test_bfloat16_engine_agrees_with_float32(llm_f32: LLM) -> None:
-    llm = LLM(dtype="bfloat16", kv_cache_memory="16MiB", quantization="none")
+    llm = LLM(dtype="bfloat16", kv_cache_memory="16MiB", quantization="none", enforce_eager=True)
     model = llm.engine.runner.model
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert llm.engine.runner.kv_cache.layers[0][0].dtype == torch.bfloat16

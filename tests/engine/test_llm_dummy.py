@@ -6,7 +6,8 @@ from kvserve import LLM, SamplingParams
 
 
 def test_dummy_weights_generate_fixed_length_output() -> None:
-    llm = LLM("smollm2-135m", load_format="dummy", dtype="float32", kv_cache_memory="32MiB")
+    llm = LLM("smollm2-135m", load_format="dummy", dtype="float32", enforce_eager=True,
+              kv_cache_memory="32MiB")
     config = llm.engine.runner.model.config
     assert (config.num_hidden_layers, config.hidden_size) == (30, 576)
     outputs = llm.generate([[1, 2, 3, 4], [5, 6]], SamplingParams(max_tokens=8, ignore_eos=True))

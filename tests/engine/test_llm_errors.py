@@ -56,7 +56,8 @@ def test_empty_prompt(llm_f32: LLM) -> None:
 
 
 def test_prompt_longer_than_max_model_len_gives_both_numbers() -> None:
-    llm = LLM(dtype="float32", kv_cache_memory="16MiB", max_model_len=64, quantization="none")
+    llm = LLM(dtype="float32", kv_cache_memory="16MiB", max_model_len=64, quantization="none",
+              enforce_eager=True)
     long_prompt = list(range(100, 200))
     with pytest.raises(ValueError, match=r"100 tokens.*max_model_len is 64"):
         llm.generate(["fine", long_prompt], SamplingParams(max_tokens=4))

@@ -45,7 +45,7 @@ def block_bytes(embedded_gguf: Path) -> int:
 def make_llm(block_bytes: int, **options: object) -> LLM:
     llm = LLM(
         dtype="float32",
-        quantization="none",
+        quantization="none", enforce_eager=True,
         block_size=BLOCK_SIZE,
         kv_cache_memory=NUM_BLOCKS * block_bytes,
         **options,

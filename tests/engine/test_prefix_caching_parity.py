@@ -46,7 +46,7 @@ def block_bytes(embedded_gguf: Path) -> int:
 
 def make_llm(block_bytes: int, num_blocks: int, **options: object) -> LLM:
     llm = LLM(
-        dtype="float32", quantization="none", block_size=BLOCK_SIZE,
+        dtype="float32", quantization="none", enforce_eager=True, block_size=BLOCK_SIZE,
         kv_cache_memory=num_blocks * block_bytes, **options
     )
     assert llm.get_stats()["kv_blocks_total"] == num_blocks

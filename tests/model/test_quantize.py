@@ -44,7 +44,7 @@ MIN_AGREEING_TOKENS = 16
 
 def make_llm(quantization: str) -> LLM:
     return LLM(dtype="float32", kv_cache_memory="64MiB", block_size=16,
-               quantization=quantization)
+               quantization=quantization, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")

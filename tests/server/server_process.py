@@ -19,8 +19,8 @@ STARTUP_TIMEOUT_S = 180.0
 SHUTDOWN_TIMEOUT_S = 30.0
 API_KEY = "test-key"
 # the same pool as tests/conftest.py's llm_f32, so max_model_len (1456) matches it
-ENGINE_ARGS = ["--dtype", "float32", "--quantization", "none", "--kv-cache-memory", "64MiB",
-               "--block-size", "16"]
+ENGINE_ARGS = ["--dtype", "float32", "--quantization", "none", "--enforce-eager",
+               "--kv-cache-memory", "64MiB", "--block-size", "16"]
 MODEL = "SmolLM2-135M-Instruct"
 
 
