@@ -164,10 +164,11 @@ def start_server(
 ) -> Server:
     port = free_port()
     if kind == "kvserve":
-        argv = [str(args.kvserve), "serve", "--port", str(port), "--dtype", "float32"]
+        argv = [str(args.kvserve), "serve", "--port", str(port), *shlex.split(args.kvserve_args)]
     elif kind == "kvserve-1proc":  # the previous architecture: the engine in a thread
         script = Path(__file__).with_name("single_process_server.py")
-        argv = [sys.executable, str(script), "--port", str(port), "--dtype", "float32"]
+        argv = [sys.executable, str(script), "--port", str(port),
+                *shlex.split(args.kvserve_args)]
     else:
         argv = [str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
         argv += LLAMA_ARGS
@@ -474,6 +475,11 @@ def main() -> int:
     )
     p.add_argument(
         "--kvserve", default=str(Path(sys.executable).parent / "kvserve"), help="kvserve executable"
+    )
+    p.add_argument(
+        "--kvserve-args", default="",
+        help="extra engine flags for kvserve (default: none, kvserve's defaults; the issue-4 and "
+        "issue-12 runs used --dtype float32 --quantization none --enforce-eager)",
     )
     p.add_argument(
         "--out", type=Path, required=True, help="folder for logs, artifacts and the summary"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from kvserve.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_MAX_NUM_SEQS, EngineConfig
 
 
 def test_auto_device_and_backend_follow_the_machine() -> None:
@@ -30,3 +30,12 @@ def test_explicit_choices_are_kept() -> None:
 def test_gpu_memory_utilization_out_of_range_names_the_field(value: float) -> None:
     with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
         EngineConfig(gpu_memory_utilization=value)
+
+
+def test_max_num_seqs_defaults_follow_the_device() -> None:
+    """A GPU's decode step costs about the same for 256 requests as for 64; a CPU's does not."""
+    assert EngineConfig(device="cpu").max_num_seqs == DEFAULT_MAX_NUM_SEQS["cpu"] == 64
+    assert EngineConfig(device="cuda:0").max_num_seqs == DEFAULT_MAX_NUM_SEQS["cuda"] == 256
+    assert EngineConfig(device="cuda:0", max_num_seqs=32).max_num_seqs == 32
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        EngineConfig(max_num_seqs=0)

@@ -72,7 +72,10 @@ def add_engine_args(parser: argparse.ArgumentParser, trace: bool = True) -> None
         default=None,
         help="longest prompt + output in tokens (default: the model's limit)",
     )
-    group.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step")
+    group.add_argument(
+        "--max-num-seqs", type=int, default=None,
+        help="most requests in one step (default: 64 on CPU, 256 on a GPU)",
+    )
     group.add_argument(
         "--max-num-batched-tokens",
         type=int,
