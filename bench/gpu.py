@@ -123,7 +123,8 @@ def section_parity(args: argparse.Namespace) -> None:
     except FileNotFoundError as error:
         row("greedy parity, embedded model", f"not run: {error}")
         return
-    cpu = LLM(device="cpu", dtype="float32", kv_cache_memory="512MiB", max_num_seqs=8)
+    cpu = LLM(device="cpu", dtype="float32", kv_cache_memory="512MiB", max_num_seqs=8,
+              quantization="none", enforce_eager=True)
     params = bench_params(PARITY_NEW_TOKENS)
     prompts = [gpu.tokenizer.encode(p) for p in PARITY_PROMPTS]
     gpu_out = gpu.generate(prompts, params, use_tqdm=False)
