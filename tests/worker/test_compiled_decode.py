@@ -62,31 +62,35 @@ def test_float32_compiled_tokens_equal_the_eager_ones(
     batch = [o.token_ids for o in compiled_f32.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert alone == eager
     assert batch == eager
-    assert len(PROMPTS) == COMPILED_MAX_BATCH
     # every decode of both runs went through a graph: 23 steps alone for each prompt, and the
     # batch's decodes (the last prompt's prefill rides with the others' first decodes)
     assert sizes[1] == len(PROMPTS) * (GREEDY.max_tokens - 1)
-    assert sizes[COMPILED_MAX_BATCH] >= GREEDY.max_tokens - 2
+    assert sizes[len(PROMPTS)] >= GREEDY.max_tokens - 2
     assert_idle(compiled_f32)
 
 
 def test_more_decodes_than_the_graph_takes_run_eagerly(
     compiled_f32: LLM, llm_f32: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With --max-num-seqs above COMPILED_MAX_BATCH a step can hold more decodes than the
+    graphs take (shrunk to 4 here): those steps run eagerly, the others compiled."""
     sizes = count_batch_sizes(compiled_f32, monkeypatch)
-    prompts = PROMPTS + ["The sky is", "Seven times six is"]
+    monkeypatch.setattr(compiled_f32.engine.runner.decode_step, "max_batch", 4)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    got = [o.token_ids for o in compiled_f32.generate(prompts, params, use_tqdm=False)]
-    want = [o.token_ids for o in llm_f32.generate(prompts, params, use_tqdm=False)]
-    assert got == want
-    assert max(sizes, default=0) <= COMPILED_MAX_BATCH
+    for prompts in (PROMPTS, PROMPTS[:3]):  # 8 decodes a step: eager; 3: compiled
+        got = [o.token_ids for o in compiled_f32.generate(prompts, params, use_tqdm=False)]
+        want = [o.token_ids for o in llm_f32.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+    assert set(sizes) == {3}
     assert_idle(compiled_f32)
 
 
 def test_the_compiled_step_refuses_what_it_was_not_built_for(compiled_f32: LLM) -> None:
     step = compiled_f32.engine.runner.decode_step
+    assert step.max_batch == COMPILED_MAX_BATCH  # the CPU default max_num_seqs, 64
+    assert step.warm_up_sizes() == [1, 2]  # not quantized: one graph serves 2..64
     too_many = COMPILED_MAX_BATCH + 1
-    with pytest.raises(ValueError, match=f"{too_many} decodes; this step takes at most 8"):
+    with pytest.raises(ValueError, match=f"{too_many} decodes; this step takes at most 64"):
         step.run([1] * too_many, [0] * too_many, [[0]] * too_many)
     fresh = CompiledDecode(step.model, step.kv_caches, step.block_size)
     with pytest.raises(RuntimeError, match="before compile"):
@@ -97,7 +101,9 @@ def test_enforce_eager_builds_no_compiled_step(llm_f32: LLM) -> None:
     assert llm_f32.engine.runner.decode_step is None
 
 
-def test_int4_compiled_greedy_tokens_agree_with_eager_int4() -> None:
+def test_int4_compiled_greedy_tokens_agree_with_eager_int4(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The quantized path: the fused graph rounds differently from eager ops (inductor keeps
     intermediates in float32, eager rounds each op's output to bfloat16 at the int4 kernels),
     so tokens agree for the first 16, or part where the eager path's top-2 logit margin says
@@ -115,6 +121,16 @@ def test_int4_compiled_greedy_tokens_agree_with_eager_int4() -> None:
         top = eager.prefill(eager.tokenizer.encode(prompt) + want[:parted]).logits.topk(2)
         margin = (top.values[0] - top.values[1]).item()
         assert margin < 0.5, f"{prompt!r} parts at token {parted}, top-2 margin {margin:.2f}"
+    # a third graph from 33 decodes on, where float32 int4 layers take their dense copy
+    step = compiled.engine.runner.decode_step
+    assert step.warm_up_sizes() == [1, 2, 33]
+    sizes = count_batch_sizes(compiled, monkeypatch)
+    many = [f"Question {i}: what is {i} plus {i}?" for i in range(34)]
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    got = [o.token_ids for o in compiled.generate(many, short, use_tqdm=False)]
+    want = [o.token_ids for o in eager.generate(many, short, use_tqdm=False)]
+    assert got == want
+    assert max(sizes) >= 33
     assert_idle(compiled)
     del eager, compiled
     torch._dynamo.reset()
