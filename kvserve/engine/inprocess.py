@@ -62,11 +62,13 @@ class InProcessEngine:
         return self.core.new_request(prompt_token_ids, params, request_id)
 
     def add_request(
-        self, request: Request, prompt: str | None = None, capture_logits: bool = False
+        self, request: Request, prompt: str | None = None, capture_logits: bool = False,
+        stream_text: bool = True,
     ) -> RequestOutput:
-        """Queue ``request``; its RequestOutput fills in as the engine steps."""
+        """Queue ``request``; its RequestOutput fills in as the engine steps (its text as it
+        goes, or at the end with ``stream_text=False``: see ``OutputProcessor.add_request``)."""
         output = self.track(request.request_id, prompt, request.prompt_token_ids,
-                            request.sampling_params, request.arrival_time)
+                            request.sampling_params, request.arrival_time, stream_text)
         try:
             self.core.add_request(request, capture_logits)
         except BaseException:
@@ -81,10 +83,12 @@ class InProcessEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        stream_text: bool = True,
     ) -> RequestOutput:
         """Follow a request the core has (or is about to have) in the output processor."""
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        return self.outputs.add_request(request_id, prompt, prompt_token_ids, params, arrival)
+        return self.outputs.add_request(request_id, prompt, prompt_token_ids, params, arrival,
+                                        stream_text)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks."""

@@ -81,7 +81,8 @@ class LLM:
                 while len(outputs) < len(tokenized) and self.engine.num_waiting < window:
                     (prompt_ids, text), p = tokenized[len(outputs)], param_list[len(outputs)]
                     request = self.engine.new_request(prompt_ids, p)
-                    outputs.append(self.engine.add_request(request, text))
+                    # the caller sees each output when it is done: decode its text then
+                    outputs.append(self.engine.add_request(request, text, stream_text=False))
                 if not self.engine.has_unfinished:
                     break
                 for delta in self.engine.step():

@@ -197,3 +197,20 @@ def test_property_stream_matches_decode_and_stops(
     for s in stops:
         at = full.find(s)
         assert at == -1 or at >= cut or at + len(s) > cut + len(stop)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_finishing_with_every_token_at_once_gives_the_same_text(hf_tokenizer: Any,
+                                                                 text: str) -> None:
+    """What the offline generate does (one decode at the end) equals token-by-token output."""
+    prompt = _encode(hf_tokenizer, "<|im_start|>assistant\n")
+    ids = _encode(hf_tokenizer, text)
+    _, _, one_by_one = _feed(hf_tokenizer, ids, prompt=prompt)
+    at_once = IncrementalDetokenizer(hf_tokenizer, prompt)
+    assert at_once.finish(ids) == at_once.text == one_by_one.text == text
+
+
+def test_finishing_with_tokens_is_refused_with_stop_strings(hf_tokenizer: Any) -> None:
+    detok = IncrementalDetokenizer(hf_tokenizer, [], stop=("x",))
+    with pytest.raises(ValueError, match="skips the stop-string checks"):
+        detok.finish([1, 2])

@@ -86,3 +86,32 @@ def test_a_duplicate_request_id_is_refused_and_the_live_request_is_untouched(
     while engine.has_unfinished:
         engine.step()
     assert live.finished and live.prompt_token_ids == [5, 6, 7] and len(live.token_ids) == 3
+
+
+def test_generate_decodes_each_text_once_and_it_equals_the_streamed_text(
+    llm_f32: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate detokenizes each output when it finishes (one tokenizer call, not two a token);
+    the text is the one stream() builds delta by delta, and a stop string still cuts it."""
+    prompts = ["The capital of France is", "Write a haiku about the sea:", "1, 2, 3,"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    tokenizer = llm_f32.tokenizer
+    calls = []
+    decode = tokenizer.decode
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", counted)
+    outputs = llm_f32.generate(prompts, params, use_tqdm=False)
+    assert len(calls) <= 3 * len(prompts)  # a few per request, not 2 x 24
+    monkeypatch.undo()
+    for prompt, output in zip(prompts, outputs, strict=True):
+        streamed = "".join(delta.text for delta in llm_f32.stream(prompt, params))
+        assert output.text == streamed and len(output.token_ids) == 24
+    full = outputs[0].text
+    stop_string = full[4:8]
+    stop = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop_string])
+    [cut] = llm_f32.generate(prompts[:1], stop, use_tqdm=False)
+    assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop_string)]
