@@ -53,7 +53,8 @@ def run_requests(
             for request in group:
                 params = bench_params(request.output_len)
                 new = engine.new_request(request.prompt_token_ids, params)
-                outputs.append(engine.add_request(new))
+                # as LLM.generate does: the text is decoded once, when the request finishes
+                outputs.append(engine.add_request(new, stream_text=False))
             while engine.has_unfinished:
                 engine.step()
                 if on_step is not None:
