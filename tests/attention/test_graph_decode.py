@@ -3,6 +3,8 @@ eager and compiled, with block tables padded wider than each request needs."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -58,6 +60,8 @@ def test_the_backend_reads_tensors_only() -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor's CPU backend needs a C++ compiler")
 def test_one_compiled_graph_serves_every_batch_and_width() -> None:
     """Compiled with the batch and the table width dynamic, then run at other sizes with
     recompilation forbidden: equal to the eager function each time."""

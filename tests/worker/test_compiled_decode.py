@@ -5,6 +5,7 @@ agreement on the int4 path. Slow to build (inductor compiles both graphs once pe
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -27,6 +28,10 @@ PROMPTS = [  # lengths 4 to 40 tokens: tables of 1 to 4 blocks in the same batch
     "import numpy as np\n",
 ]
 MIN_AGREEING_TOKENS = 16
+# inductor's CPU backend compiles C++: without a compiler the engine stays eager (tested below)
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler"
+)
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64,
               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
@@ -53,6 +58,7 @@ def compiled_f32() -> LLM:
     return LLM(dtype="float32", kv_cache_memory="64MiB", block_size=16, quantization="none")
 
 
+@needs_compiler
 def test_float32_compiled_tokens_equal_the_eager_ones(
     compiled_f32: LLM, llm_f32: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -69,6 +75,7 @@ def test_float32_compiled_tokens_equal_the_eager_ones(
     assert_idle(compiled_f32)
 
 
+@needs_compiler
 def test_more_decodes_than_the_graph_takes_run_eagerly(
     compiled_f32: LLM, llm_f32: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,6 +92,7 @@ def test_more_decodes_than_the_graph_takes_run_eagerly(
     assert_idle(compiled_f32)
 
 
+@needs_compiler
 def test_the_compiled_step_refuses_what_it_was_not_built_for(compiled_f32: LLM) -> None:
     step = compiled_f32.engine.runner.decode_step
     assert step.max_batch == COMPILED_MAX_BATCH  # the CPU default max_num_seqs, 64
@@ -101,6 +109,7 @@ def test_enforce_eager_builds_no_compiled_step(llm_f32: LLM) -> None:
     assert llm_f32.engine.runner.decode_step is None
 
 
+@needs_compiler
 def test_int4_compiled_greedy_tokens_agree_with_eager_int4(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -136,6 +145,7 @@ def test_int4_compiled_greedy_tokens_agree_with_eager_int4(
     torch._dynamo.reset()
 
 
+@needs_compiler
 def test_many_compiled_engines_in_one_process_each_get_their_graphs(tmp_path) -> None:
     """Dynamo limits recompilations per code object (8): engines must not share one, or the
     fifth engine built in a process would find the limit reached."""
