@@ -84,6 +84,10 @@ class CompiledDecode:
         Raises if dynamo ran a warm-up without compiling it (it falls back to eager then)."""
         start = time.perf_counter()
         sizes = self.warm_up_sizes()
+        logger.info(
+            "compiling the CPU decode step (%d graphs): up to a minute the first time, seconds "
+            "once inductor's cache holds them; --enforce-eager skips it", len(sizes),
+        )
         graphs_before = _graphs_compiled()
         for size in sizes:
             args = self._inputs([0] * size, [0] * size, [[0, 1]] * size)
@@ -119,8 +123,19 @@ class CompiledDecode:
         if len(input_ids) > self.max_batch:
             raise ValueError(f"{len(input_ids)} decodes; this step takes at most {self.max_batch}")
         args = self._inputs(input_ids, positions, block_tables)
-        with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
-            return self._compiled(*args)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
+                return self._compiled(*args)
+        except RuntimeError as error:
+            if "recompil" not in str(error).lower():
+                raise
+            # A step the warm-up did not foresee. Dynamo refuses before running anything, so
+            # no K/V was written: run this step eagerly and stop using the graphs, rather than
+            # fail the step's requests or stall them all while a new graph compiles.
+            logger.warning("the compiled CPU decode step would need recompiling, so decode "
+                           "steps run eagerly from now on: %s", str(error)[:500])
+            self.max_batch = 0
+            return self._forward(*args)
 
     def _inputs(
         self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]

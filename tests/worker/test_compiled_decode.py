@@ -182,3 +182,24 @@ def test_a_failed_compilation_leaves_the_engine_eager(
     assert "cc is not found" in caplog.text
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     assert len(llm.generate([[5, 17, 200]], params, use_tqdm=False)[0].token_ids) == 3
+
+
+@needs_compiler
+def test_a_step_that_would_recompile_runs_eagerly_and_turns_the_graphs_off(
+    compiled_f32: LLM, llm_f32: LLM, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    step = compiled_f32.engine.runner.decode_step
+
+    def refuses(*args):
+        raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+
+    monkeypatch.setattr(step, "_compiled", refuses)
+    monkeypatch.setattr(step, "max_batch", step.max_batch)  # restored after the test
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with caplog.at_level("WARNING", logger="kvserve"):
+        got = compiled_f32.generate(PROMPTS[:2], params, use_tqdm=False)
+    want = llm_f32.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert step.max_batch == 0 and "would need recompiling" in caplog.text
+    assert_idle(compiled_f32)
