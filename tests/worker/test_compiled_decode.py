@@ -14,19 +14,12 @@ import torch
 from kvserve import LLM, SamplingParams
 from kvserve.worker.compiled_decode import COMPILED_MAX_BATCH, CompiledDecode
 from tests.engine.engine_stepping import assert_idle
+from tests.engine.test_llm_parity import RAW_PROMPTS
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-PROMPTS = [  # lengths 4 to 40 tokens: tables of 1 to 4 blocks in the same batch
-    "The quick brown fox",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who every "
-    "morning walked down to the harbour before sunrise. One day he found",
-    "1, 2, 3, 4, 5,",
-    "Paris is the capital of",
-    "Write a haiku about autumn.",
-    "List three primary colors:",
-    "import numpy as np\n",
-]
+# the parity prompts' raw texts and three more: 4 to 40 tokens, tables of 1 to 4 blocks
+PROMPTS = [*RAW_PROMPTS, "Write a haiku about autumn.", "List three primary colors:",
+           "import numpy as np\n"]
 MIN_AGREEING_TOKENS = 16
 # inductor's CPU backend compiles C++: without a compiler the engine stays eager (tested below)
 needs_compiler = pytest.mark.skipif(
