@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.device_copy import to_device
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -73,12 +75,12 @@ def build_attention_metadata(
     for query_len in query_lens:
         starts.append(starts[-1] + query_len)
     return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int64, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int64, device=device).reshape(
+        query_start_loc=to_device(starts, torch.int64, device),
+        seq_lens=to_device(seq_lens, torch.int64, device),
+        block_tables=to_device(padded, torch.int64, device).reshape(
             len(block_tables), max_blocks
         ),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        slot_mapping=to_device(slots, torch.int64, device),
         query_lens_list=list(query_lens),
         seq_lens_list=list(seq_lens),
         block_size=block_size,

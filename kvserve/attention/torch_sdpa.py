@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kvserve.attention.backend import AttentionBackend, store_kv
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.attention.torch_reference import causal_attention, gather_context
+from kvserve.device_copy import to_device
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -98,7 +99,7 @@ def _decode_subset(
 ) -> None:
     """Batched decode for the single-query requests of a mixed step, written into ``out``."""
     rows = metadata.query_start_loc[request_indices]
-    index = torch.tensor(request_indices, device=query.device)
+    index = to_device(request_indices, torch.int64, query.device)
     sub = AttentionMetadata(
         query_start_loc=torch.arange(len(request_indices) + 1, device=query.device),
         seq_lens=metadata.seq_lens[index],

@@ -2,8 +2,8 @@
 
 A decode step launches hundreds of small kernels; at small batch sizes launching them costs
 more than running them. Each bucket's forward pass is captured once, reading its inputs from
-persistent device buffers. A step copies its inputs into those buffers (one pinned staging
-area, non-blocking copies), pads the batch up to the bucket with rows that store nothing
+persistent device buffers. A step copies its inputs into those buffers (pinned staging,
+non-blocking copies), pads the batch up to the bucket with rows that store nothing
 (slot -1) and attend to nothing (length 0), and replays the graph.
 
 The attention launch shape depends only on the batch size (see ``paged_decode``), and the
@@ -22,7 +22,7 @@ import torch
 from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.model.llama import KVCaches, LlamaForCausalLM
-from kvserve.worker.decode_inputs import decode_inputs
+from kvserve.worker.decode_inputs import TokenFill, decode_inputs
 
 logger = logging.getLogger("kvserve")
 
@@ -52,9 +52,7 @@ class DecodeGraphs:
         self.sizes = bucket_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)
-        # Host staging (pinned) and device buffers: ids, positions, slots, lengths; tables.
-        self._host_rows = torch.zeros(4, self.max_batch, dtype=torch.int64).pin_memory()
-        self._host_tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int64).pin_memory()
+        # Device buffers the graphs read: ids, positions, slots, lengths; block tables.
         self._rows = torch.zeros(4, self.max_batch, dtype=torch.int64, device=device)
         self._rows[2].fill_(-1)
         self._tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int64, device=device)
@@ -106,19 +104,23 @@ class DecodeGraphs:
         input_ids: list[int],
         positions: list[int],
         block_tables: list[list[int]],
+        fill: TokenFill | None = None,
     ) -> torch.Tensor:
         """Replay the smallest bucket that holds these decodes; [num_reqs, hidden] out."""
         num_reqs = len(input_ids)
         size = next(s for s in self.sizes if s >= num_reqs)
         inputs = decode_inputs(input_ids, positions, block_tables, self.block_size)
-        tables, rows = inputs.block_tables, inputs.rows
-        width = tables.shape[1]
-        host_rows = self._host_rows.numpy()
-        host_rows[:, :num_reqs] = rows
-        host_rows[:, num_reqs:size] = np.array([[0], [0], [-1], [0]])  # padding rows
-        self._host_tables.numpy()[:num_reqs, :width] = tables
-        self._rows[:, :size].copy_(self._host_rows[:, :size], non_blocking=True)
-        self._tables[:num_reqs, :width].copy_(self._host_tables[:num_reqs, :width],
-                                              non_blocking=True)
+        rows = np.empty((4, size), dtype=np.int64)
+        rows[:, :num_reqs] = inputs.rows
+        rows[:, num_reqs:] = np.array([[0], [0], [-1], [0]])  # padding rows
+        tables = inputs.block_tables
+        # Fresh pinned staging each step: the copies are queued behind a step that may still
+        # run (asynchronous scheduling), and torch's pinned-memory cache does not hand a buffer
+        # out again before its copy has run.
+        self._rows[:, :size].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
+        self._tables[:num_reqs, : tables.shape[1]].copy_(
+            torch.from_numpy(tables).pin_memory(), non_blocking=True)
+        if fill is not None:
+            fill.apply(self._rows[0])
         self._graphs[size].replay()
         return self._outputs[size][:num_reqs]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.device_copy import to_device
 from kvserve.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them only overflows.
@@ -114,7 +115,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     counts = counts[:, :vocab_size]  # [num_rows, vocab_size]
     presence = _column([params[i].presence_penalty for i in rows], logits)  # [num_rows, 1]
     frequency = _column([params[i].frequency_penalty for i in rows], logits)  # [num_rows, 1]
-    row_index = torch.tensor(rows, device=logits.device)
+    row_index = to_device(rows, torch.int64, logits.device)
     out = logits.clone()
     out[row_index] -= presence * (counts > 0) + frequency * counts
     return out
@@ -137,8 +138,8 @@ def apply_suppression(logits: torch.Tensor,
     if not rows:
         return logits
     out = logits.clone()
-    out[torch.tensor(rows, device=logits.device),
-        torch.tensor(cols, device=logits.device)] = float("-inf")
+    out[to_device(rows, torch.int64, logits.device),
+        to_device(cols, torch.int64, logits.device)] = float("-inf")
     return out
 
 
@@ -152,7 +153,7 @@ def _choose_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if len(rows) == len(batch.params):
         return _sample_rows(logits, params, generators)  # [num_reqs]
     token_ids = logits.argmax(dim=-1)  # [num_reqs]
-    row_index = torch.tensor(rows, device=logits.device)
+    row_index = to_device(rows, torch.int64, logits.device)
     token_ids[row_index] = _sample_rows(logits[row_index], params, generators)
     return token_ids
 
@@ -176,9 +177,9 @@ def _apply_top_k(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         return logits
     max_k = max(k for k in top_k if k < vocab_size)
     values = logits.topk(max_k, dim=-1).values  # [n, max_k], descending
-    kth_index = torch.tensor([min(k, max_k) - 1 for k in top_k], device=logits.device)
+    kth_index = to_device([min(k, max_k) - 1 for k in top_k], torch.int64, logits.device)
     kth = values.gather(1, kth_index.unsqueeze(1))  # [n, 1]
-    uses_top_k = torch.tensor([k < vocab_size for k in top_k], device=logits.device)
+    uses_top_k = to_device([k < vocab_size for k in top_k], torch.bool, logits.device)
     kth = torch.where(uses_top_k.unsqueeze(1), kth, float("-inf"))  # [n, 1]
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -188,18 +189,22 @@ def _apply_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
 
     A token is kept when the mass of the tokens ranked above it is < ``top_p`` (so the top token
     always is); ties with the least likely kept token are kept too. Only the top
-    ``_TOP_P_CANDIDATES`` probabilities are ranked unless they hold less than ``top_p``.
+    ``_TOP_P_CANDIDATES`` probabilities are ranked on CPU unless they hold less than ``top_p``.
     """
     if all(p.top_p >= 1.0 for p in params):
         return logits
     vocab_size = logits.shape[1]
     top_p = _column([p.top_p for p in params], logits)  # [n, 1]
     probs = torch.softmax(logits, dim=-1)  # [n, vocab]
-    ranked = probs.topk(min(vocab_size, _TOP_P_CANDIDATES), dim=-1).values  # [n, C], descending
-    cumulative = ranked.cumsum(dim=-1)  # [n, C]
-    if not ((cumulative[:, -1:] >= top_p) | (top_p >= 1.0)).all():
+    if probs.is_cuda:  # a GPU sorts the vocabulary fast, and checking the candidates would sync
         ranked = probs.sort(dim=-1, descending=True).values  # [n, vocab]
-        cumulative = ranked.cumsum(dim=-1)  # [n, vocab]; same prefix as above
+        cumulative = ranked.cumsum(dim=-1)  # [n, vocab]
+    else:
+        ranked = probs.topk(min(vocab_size, _TOP_P_CANDIDATES), dim=-1).values  # [n, C]
+        cumulative = ranked.cumsum(dim=-1)  # [n, C]
+        if not ((cumulative[:, -1:] >= top_p) | (top_p >= 1.0)).all():
+            ranked = probs.sort(dim=-1, descending=True).values  # [n, vocab]
+            cumulative = ranked.cumsum(dim=-1)  # [n, vocab]; same prefix as above
     mass_above = torch.nn.functional.pad(cumulative[:, :-1], (1, 0))  # [n, C], exclusive sums
     num_kept = (mass_above < top_p).sum(dim=-1, keepdim=True)  # [n, 1], >= 1
     cutoff = ranked.gather(1, num_kept - 1)  # [n, 1], least likely kept probability
@@ -241,4 +246,4 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """A [len(values), 1] tensor on ``like``'s device and dtype."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+    return to_device(values, like.dtype, like.device).unsqueeze(1)
