@@ -39,6 +39,10 @@ class EngineConfig:
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # decode steps eager: no CUDA graphs (GPU), no compiled step (CPU)
+    # Schedule step N+1 while step N runs (its tokens reach N+1 on the device). None: on for a
+    # GPU, where the host's scheduling would otherwise leave it idle; off for a CPU, whose
+    # cores run the step itself, so there is nothing to overlap (see docs/architecture.md).
+    async_scheduling: bool | None = None
     trace_file: str | None = None  # one JSON line per step and per finished request
     # CPU weight-only quantization: auto keeps a GGUF's Q4_0/Q4_1 (int4) or Q8_0 (int8) weights
     # quantized where torch has the kernel; none is the exact float path (the oracle)
@@ -50,6 +54,8 @@ class EngineConfig:
         if self.max_num_seqs is None:
             device_kind = "cuda" if self.device.startswith("cuda") else "cpu"
             object.__setattr__(self, "max_num_seqs", DEFAULT_MAX_NUM_SEQS[device_kind])
+        if self.async_scheduling is None:
+            object.__setattr__(self, "async_scheduling", self.device.startswith("cuda"))
         if self.attention_backend == "auto":
             on_gpu = self.device.startswith("cuda") and HAS_TRITON
             object.__setattr__(self, "attention_backend", "triton" if on_gpu else "sdpa")

@@ -65,6 +65,13 @@ def add_engine_args(parser: argparse.ArgumentParser, trace: bool = True) -> None
         help="run decode steps eagerly: no captured CUDA graphs on GPU, no compiled decode step on "
         "CPU (it is compiled at start, a few seconds once inductor's cache is warm)",
     )
+    group.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule each step while the one before runs on the device (default: on for a GPU, "
+        "off for a CPU); --no-async-scheduling steps synchronously, for debugging",
+    )
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     group.add_argument(
         "--max-model-len",

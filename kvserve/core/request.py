@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from kvserve.core.block_hash import BlockKey
 from kvserve.sampling_params import SamplingParams
 
+# Stands for a token a step in flight samples; the model runner puts the real id in its place
+# on the device, from that step's output.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -21,7 +25,10 @@ class Request:
     """One generation request.
 
     ``num_tokens`` (prompt + generated) and ``num_computed_tokens`` (tokens whose K/V are in
-    the cache) are all the scheduler needs: each step it may grant up to their difference.
+    the cache, or are being written by a step already scheduled) are all the scheduler needs:
+    each step it may grant up to their difference. With asynchronous scheduling a step is
+    scheduled before the previous one's token is known: ``num_output_placeholders`` counts
+    the tokens sampled by scheduled steps that have not reached the request yet.
     """
 
     request_id: str
@@ -41,6 +48,7 @@ class Request:
     first_scheduled_time: float | None = None  # perf_counter when first admitted (queue time)
     cache_salt: str | None = None  # isolates this request's prefix-cache entries from others'
     block_keys: list[BlockKey] = field(default_factory=list)  # of its full blocks, kept on preempt
+    num_output_placeholders: int = 0  # tokens scheduled steps will sample, not yet appended
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -55,6 +63,21 @@ class Request:
         return len(self.output_token_ids)
 
     @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Known tokens plus those the steps in flight will sample."""
+        return self.num_tokens + self.num_output_placeholders
+
+    @property
+    def in_flight_reaches_limit(self) -> bool:
+        """The tokens in flight already take the request to ``max_tokens`` or
+        ``max_model_len``: another step would only sample a token that is never emitted."""
+        if self.num_output_placeholders == 0:
+            return False
+        num_out = self.num_output_tokens + self.num_output_placeholders
+        return (num_out >= self.sampling_params.max_tokens
+                or self.num_tokens_with_placeholders >= self.max_model_len)
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
@@ -63,7 +86,12 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Token ids at positions [start, end) of prompt + output."""
+        """Token ids at positions [start, end) of prompt + output; positions past the known
+        tokens (sampled by a step in flight) are ``PLACEHOLDER_TOKEN_ID``."""
+        known = self.num_tokens
+        if end > known:
+            return self.token_ids_slice(start, known) + [PLACEHOLDER_TOKEN_ID] * (
+                end - max(start, known))
         prompt_len = len(self.prompt_token_ids)
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]

@@ -3,6 +3,11 @@
 Every step each request is granted up to ``num_tokens - num_computed_tokens`` new tokens,
 within a per-step token budget, running requests first, then waiting ones. A decode is a
 grant of 1; a chunked prefill is a grant smaller than what remains.
+
+A grant counts as computed when it is scheduled, so the next step can be scheduled before this
+one has run (asynchronous scheduling). A grant that samples adds an output placeholder, which
+counts as a token until ``update_from_output`` replaces it with the sampled one; the next
+step's decode of that token is a placeholder id the model runner fills in on the device.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class ScheduledRequest:
     sampling_params: SamplingParams
     output_token_ids: list[int]
     num_prompt_tokens: int = 0  # positions from here on hold generated tokens
+    num_generated: int = 0  # output tokens before the one this step samples (known or in flight)
 
 
 @dataclass
@@ -52,6 +58,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # finished since the last step
+    # The scheduler's own objects, so that a step's output reaches the request it was for and
+    # not a newer one that took the same id after an abort (never read by a model runner).
+    requests: dict[str, Request] = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -118,18 +127,23 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.in_flight_reaches_limit:
+                continue
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
+                          budget)
             if num_new <= 0:
                 continue
             if not self._allocate_or_preempt(request, num_new, out):
                 preempted_this_step = True
                 continue
-            out.scheduled.append(self._grant(request, num_new))
+            out.scheduled.append(self._grant(request, num_new, out))
             budget -= num_new
         while self.waiting and budget > 0 and not preempted_this_step:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: admitted once that token is known
             # A request whose KV was loaded from elsewhere (LLM.decode) already has its blocks.
             holds_kv = bool(self.kv.block_table(request.request_id))
             prefix = None if holds_kv else self.kv.find_cached_prefix(request)
@@ -139,7 +153,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(request, prefix)
-            out.scheduled.append(self._grant(request, num_new))
+            out.scheduled.append(self._grant(request, num_new, out))
             budget -= num_new
         return out
 
@@ -174,41 +188,56 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _grant(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _grant(self, request: Request, num_new: int, out: SchedulerOutput) -> ScheduledRequest:
+        """Schedule ``num_new`` tokens of ``request`` and count them as computed."""
         start = request.num_computed_tokens
-        return ScheduledRequest(
+        end = start + num_new
+        item = ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.token_ids_slice(start, start + num_new),
+            token_ids=request.token_ids_slice(start, end),
             start_position=start,
             block_ids=list(self.kv.block_table(request.request_id)),
-            sample=start + num_new == request.num_tokens,
+            sample=end == request.num_tokens_with_placeholders,
             sampling_params=request.sampling_params,
             output_token_ids=request.output_token_ids,
             num_prompt_tokens=request.num_prompt_tokens,
+            num_generated=request.num_output_tokens + request.num_output_placeholders,
         )
+        request.num_computed_tokens = end
+        self.prompt_tokens_computed += max(0, min(end, request.num_prompt_tokens) - start)
+        if item.sample:
+            request.num_output_placeholders += 1
+        out.requests[request.request_id] = request
+        return item
 
     def update_from_output(
         self, scheduled: SchedulerOutput, sampled: dict[str, int]
     ) -> list[Request]:
-        """Advance counters, append sampled tokens; returns the requests that finished."""
-        finished = []
+        """Put the sampled tokens in place of their placeholders; returns the requests that
+        got one (``is_finished`` says which it ended).
+
+        A request that ended meanwhile (aborted, or finished by the step before this one) gets
+        nothing: the token sampled past its end is dropped. A request preempted since this
+        step was scheduled still gets its token (computed from the K/V it had then), and
+        recomputes its K/V with the rest when it is admitted again."""
+        updated = []
         for item in scheduled.scheduled:
-            request = self.requests.get(item.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if not item.sample:
                 continue
-            request.num_computed_tokens += len(item.token_ids)
-            self.prompt_tokens_computed += max(
-                0, min(request.num_computed_tokens, request.num_prompt_tokens) - item.start_position
-            )
-            if item.sample and item.request_id in sampled:
-                request.append_output_token(sampled[item.request_id])
-                self.generation_tokens_total += 1
-                if request.num_output_tokens == 1:
-                    self.prompt_tokens_total += request.num_prompt_tokens
-                if request.is_finished:
-                    self._retire(request)
-                    finished.append(request)
-        return finished
+            request = self.requests.get(item.request_id)
+            if request is None or request is not scheduled.requests.get(item.request_id):
+                continue
+            request.num_output_placeholders -= 1
+            if item.request_id not in sampled:
+                continue
+            request.append_output_token(sampled[item.request_id])
+            self.generation_tokens_total += 1
+            if request.num_output_tokens == 1:
+                self.prompt_tokens_total += request.num_prompt_tokens
+            updated.append(request)
+            if request.is_finished:
+                self._retire(request)
+        return updated
 
     def finish_request(self, request_id: str, reason: str, stop_reason: str | None = None) -> None:
         """End a request from outside (stop string, abort); frees its blocks now."""
@@ -223,8 +252,8 @@ class Scheduler:
         self._retire(request, already_removed=True)
 
     def _retire(self, request: Request, already_removed: bool = False) -> None:
-        if not already_removed:
-            self.running.remove(request)
+        if not already_removed:  # finished by a token: running, or preempted since
+            (self.running if request in self.running else self.waiting).remove(request)
         del self.requests[request.request_id]
         self._finished_since_step.append(request.request_id)
         if not request.hold_kv:

@@ -95,7 +95,11 @@ def build_engine(
     kv_manager = KVCacheManager(
         kv_cache.num_blocks, kv_cache.block_size, config.enable_prefix_caching
     )
-    _log_startup(config, loaded.source, model_config, dtype, kv_cache, scheduler_config)
+    # A prefill engine's KV saver sends each step's layers as they are written: it steps
+    # synchronously, so that a request's KV is complete when its step's output is read.
+    async_scheduling = bool(config.async_scheduling) and kv_connector is None
+    _log_startup(config, loaded.source, model_config, dtype, kv_cache, scheduler_config,
+                 async_scheduling)
     if memory_plan is not None:
         logger.info("%s", memory_plan.describe())
     decode_step = _fast_decode_step(model, kv_cache, backend, config, max_model_len, device)
@@ -115,7 +119,7 @@ def build_engine(
         logger.info("tracing every step and request to %s", config.trace_file)
     core = EngineCore(
         Scheduler(scheduler_config, kv_manager), runner, loaded.tokenizer.eos_token_ids,
-        max_model_len, trace,
+        max_model_len, trace, async_scheduling,
     )
     return core, loaded.tokenizer
 
@@ -176,6 +180,7 @@ def _log_startup(
     dtype: torch.dtype,
     kv_cache: PagedKVCache,
     scheduler_config: SchedulerConfig,
+    async_scheduling: bool,
 ) -> None:
     if config.dtype != "auto":
         why = "chosen"
@@ -198,7 +203,8 @@ def _log_startup(
     )
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d, "
-        "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s, attention %s%s",
+        "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s, attention %s%s, "
+        "%s scheduling",
         kv_cache.num_blocks,
         kv_cache.block_size,
         kv_cache.num_tokens,
@@ -209,4 +215,5 @@ def _log_startup(
         "on" if config.enable_prefix_caching else "off",
         config.attention_backend,
         ", eager" if config.enforce_eager else (", CUDA graphs" if config.on_gpu else ", compiled"),
+        "async" if async_scheduling else "synchronous",
     )

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import torch
 
 from kvserve.analysis.trace import StepTrace, split_tokens
 from kvserve.core.request import Request
-from kvserve.core.scheduler import Scheduler
+from kvserve.core.scheduler import Scheduler, SchedulerOutput
 from kvserve.engine.messages import AddRequest, EngineOutput, Stats
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
 from kvserve.worker.kv_cache import PagedKVCache
-from kvserve.worker.model_runner import ModelRunner
+from kvserve.worker.model_runner import ModelRunner, PendingOutput
 
 
 class StepFailed(RuntimeError):
@@ -49,6 +50,16 @@ def validate_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len:
         )
 
 
+@dataclass
+class _InFlight:
+    """A launched step: what was scheduled, its pending tokens, and its trace fields."""
+
+    scheduled: SchedulerOutput
+    pending: PendingOutput
+    started: float
+    split: tuple[int, int] | None
+
+
 class EngineCore:
     """One engine: a scheduler and a model runner, driven by ``step``."""
 
@@ -59,6 +70,7 @@ class EngineCore:
         eos_token_ids: frozenset[int],
         max_model_len: int,
         trace: StepTrace | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -71,6 +83,8 @@ class EngineCore:
         self.captured_logits: dict[str, list[torch.Tensor]] = {}
         self._first_token_times: dict[str, float] = {}
         self._queued: list[EngineOutput] = []  # outputs of named operations, sent with a step
+        self.async_scheduling = async_scheduling
+        self._in_flight: _InFlight | None = None  # launched, its tokens not read yet
 
     # -- requests --------------------------------------------------------------------------
 
@@ -126,8 +140,9 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        """Requests to step, or outputs of named operations still to hand out."""
-        return self.scheduler.has_unfinished or bool(self._queued)
+        """Requests to step, a step to read, or outputs of named operations to hand out."""
+        return (self.scheduler.has_unfinished or bool(self._queued)
+                or self._in_flight is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -159,40 +174,74 @@ class EngineCore:
     def step(self) -> list[EngineOutput]:
         """Run one scheduler step and return what each request gained.
 
+        With asynchronous scheduling the step is scheduled and launched before the previous
+        one's tokens are read, and what is returned is the previous step's: the device runs
+        one step while the host schedules the next. A request that the previous step finished
+        (EOS, max_tokens) may be in the step just launched: the token sampled for it there is
+        dropped, and its blocks were freed when it finished.
+
         If the model fails, the step's requests are aborted (their blocks freed), cached blocks
         nobody holds are forgotten (this step may have registered blocks it never filled), and
         StepFailed names the requests; the engine stays usable for the others.
         """
         outputs, self._queued = self._queued, []
+        if self._in_flight is not None and not self._may_overlap():
+            outputs += self._finish(self._pop_in_flight())
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
-            return outputs
-        if self.trace is not None:
-            prefill, decode = split_tokens(scheduled, self.scheduler)
+        launched = None
+        if not scheduled.is_empty:
+            split = split_tokens(scheduled, self.scheduler) if self.trace is not None else None
+            try:
+                pending = self.runner.launch(scheduled, frozenset(self._capture_logits))
+            except Exception as error:
+                if self._in_flight is not None:  # its tokens still reach their requests
+                    self._queued = outputs + self._finish(self._pop_in_flight())
+                    outputs = []
+                raise self._fail(scheduled, error) from error
+            launched = _InFlight(scheduled, pending, started, split)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            outputs += self._finish(previous)
+        if not self.async_scheduling and self._in_flight is not None:
+            outputs += self._finish(self._pop_in_flight())
+        return outputs
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the one in flight has been read.
+        Presence and frequency penalties need every generated id on the host, so while a
+        request uses them the engine steps synchronously."""
+        return self.async_scheduling and not any(
+            r.sampling_params.uses_penalties for r in self.scheduler.running)
+
+    def _pop_in_flight(self) -> _InFlight:
+        assert self._in_flight is not None
+        step, self._in_flight = self._in_flight, None
+        return step
+
+    def _finish(self, step: _InFlight) -> list[EngineOutput]:
+        """Wait for ``step``'s tokens and hand them to their requests."""
         try:
-            result = self.runner.execute(scheduled, frozenset(self._capture_logits))
+            result = step.pending.result()
         except Exception as error:
-            failed = [s.request_id for s in scheduled.scheduled]
-            for request_id in failed:
-                self.abort(request_id)
-            self.reset_prefix_cache()
-            raise StepFailed(failed, error) from error
+            raise self._fail(step.scheduled, error) from error
         for request_id, logits in result.logits.items():
             self.captured_logits.setdefault(request_id, []).append(logits)
-        requests = {
-            s.request_id: self.scheduler.requests.get(s.request_id) for s in scheduled.scheduled
-        }
-        self.scheduler.update_from_output(
-            scheduled, {rid: token.token_id for rid, token in result.sampled.items()}
+        updated = self.scheduler.update_from_output(
+            step.scheduled, {rid: token.token_id for rid, token in result.sampled.items()}
         )
-        for request_id, token in result.sampled.items():
-            request = requests[request_id]
-            if request is not None:
-                outputs.append(self._output(request, token))
-        if self.trace is not None:
-            self.trace.step(started, time.perf_counter(), prefill, decode, self.stats())
+        outputs = [self._output(request, result.sampled[request.request_id])
+                   for request in updated]
+        if self.trace is not None and step.split is not None:
+            self.trace.step(step.started, time.perf_counter(), *step.split, self.stats())
         return outputs
+
+    def _fail(self, scheduled: SchedulerOutput, error: BaseException) -> StepFailed:
+        failed = [s.request_id for s in scheduled.scheduled]
+        for request_id in failed:
+            self.abort(request_id)
+        self.reset_prefix_cache()
+        return StepFailed(failed, error)
 
     def _output(self, request: Request, token: SampledToken) -> EngineOutput:
         """The output of a token already appended to ``request``."""
@@ -289,6 +338,7 @@ class EngineCore:
         """Sample ``request``'s first token from prefill logits computed elsewhere."""
         params = request.sampling_params
         [token] = self.runner.sample(
-            logits.unsqueeze(0), [(request.request_id, params, request.output_token_ids)]
+            logits.unsqueeze(0),
+            [(request.request_id, params, request.output_token_ids, request.num_output_tokens)],
         ).values()
         return token

@@ -28,7 +28,7 @@ from kvserve.attention.graph_decode import GraphDecodeBackend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.model.llama import KVCaches, LlamaForCausalLM
 from kvserve.model.quantize import QuantizedLinear
-from kvserve.worker.decode_inputs import decode_inputs
+from kvserve.worker.decode_inputs import TokenFill, decode_inputs
 
 logger = logging.getLogger("kvserve")
 
@@ -115,7 +115,11 @@ class CompiledDecode:
         return sizes
 
     def run(
-        self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        block_tables: list[list[int]],
+        fill: TokenFill | None = None,
     ) -> torch.Tensor:
         """[num_reqs, hidden] final hidden states of one decode step."""
         if not self._ready:
@@ -123,6 +127,8 @@ class CompiledDecode:
         if len(input_ids) > self.max_batch:
             raise ValueError(f"{len(input_ids)} decodes; this step takes at most {self.max_batch}")
         args = self._inputs(input_ids, positions, block_tables)
+        if fill is not None:
+            fill.apply(args[0])
         try:
             with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
                 return self._compiled(*args)

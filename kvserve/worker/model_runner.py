@@ -10,12 +10,14 @@ import torch
 
 from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import build_attention_metadata
+from kvserve.core.request import PLACEHOLDER_TOKEN_ID
 from kvserve.core.scheduler import ScheduledRequest, SchedulerOutput
+from kvserve.device_copy import to_device
 from kvserve.kv_connector import KVConnector
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
-from kvserve.worker.decode_inputs import DecodeStep
+from kvserve.worker.decode_inputs import DecodeStep, TokenFill
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
 
@@ -26,8 +28,55 @@ class ModelRunnerOutput:
     logits: dict[str, torch.Tensor] = field(default_factory=dict)  # only for captured requests
 
 
+# One sampling row: (request_id, params, output token ids known, output tokens before this one)
+SamplingRow = tuple[str, SamplingParams, list[int], int]
+
+
+class PendingOutput:
+    """A launched step's sampled tokens, on their way to the host: ``result`` waits for them.
+
+    On a GPU the tokens are copied into pinned memory behind the step's kernels and an event
+    marks the copy's end, so launching the step never waits for the device; only ``result``
+    does, for this step alone.
+    """
+
+    def __init__(
+        self,
+        rows: list[SamplingRow],
+        sampled: SamplerOutput | None,
+        logits: dict[str, torch.Tensor],
+    ) -> None:
+        self.rows = rows
+        self.logits = logits
+        self._event: torch.cuda.Event | None = None
+        self._host = sampled
+        if sampled is not None and sampled.token_ids.is_cuda:
+            self._host = SamplerOutput(**{
+                f.name: _to_pinned(getattr(sampled, f.name))
+                for f in dataclasses.fields(sampled) if getattr(sampled, f.name) is not None
+            })
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> ModelRunnerOutput:
+        if self._host is None:
+            return ModelRunnerOutput()
+        if self._event is not None:
+            self._event.synchronize()
+        return ModelRunnerOutput(_to_sampled_tokens(self._host, self.rows), self.logits)
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
 class ModelRunner:
-    """Owns the model, the KV cache tensors and per-request sampling state (seeded generators)."""
+    """Owns the model, the KV cache tensors and per-request sampling state (seeded generators).
+
+    ``launch`` runs a step without reading its result back; the tokens it sampled stay on the
+    device as well, for the next step's placeholder input ids (asynchronous scheduling).
+    """
 
     def __init__(
         self,
@@ -47,38 +96,51 @@ class ModelRunner:
         self.decode_step = decode_step  # CUDA graphs (GPU) or a compiled step (CPU)
         self.kv_connector = kv_connector  # a prefill engine's KV saver (kvserve.disagg)
         self._generators: dict[str, torch.Generator] = {}
+        # The last launched step's sampled token ids (device) and each request's row in them.
+        self._last_token_ids: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
-    @torch.inference_mode()
     def execute(
         self, step: SchedulerOutput, capture_logits: frozenset[str] = frozenset()
     ) -> ModelRunnerOutput:
-        """Run one step. Requests in ``capture_logits`` also get their raw logits returned."""
+        """Run one step and wait for its tokens. Requests in ``capture_logits`` also get their
+        raw logits returned."""
+        return self.launch(step, capture_logits).result()
+
+    @torch.inference_mode()
+    def launch(
+        self, step: SchedulerOutput, capture_logits: frozenset[str] = frozenset()
+    ) -> PendingOutput:
+        """Run one step up to its sampled tokens, without waiting for them on a GPU."""
         for request_id in step.finished_ids:
             self._generators.pop(request_id, None)
         if step.is_empty:
-            return ModelRunnerOutput()
+            return PendingOutput([], None, {})
         hidden = self._forward(step.scheduled)
         sampling = [s for s in step.scheduled if s.sample]
         if not sampling:
-            return ModelRunnerOutput()
+            return PendingOutput([], None, {})
         ends = _query_ends(step.scheduled, sampling)
         if ends != list(range(len(hidden))):  # not every row samples: keep the ones that do
-            hidden = hidden[torch.tensor(ends, device=self.device)]
+            hidden = hidden[to_device(ends, torch.int64, self.device)]
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab]
-        out = ModelRunnerOutput()
-        for row, item in enumerate(sampling):
-            if item.request_id in capture_logits:
-                out.logits[item.request_id] = logits[row].clone()
-        out.sampled = self.sample(
-            logits, [(s.request_id, s.sampling_params, s.output_token_ids) for s in sampling]
-        )
-        return out
+        captured = {
+            item.request_id: logits[row].clone()
+            for row, item in enumerate(sampling) if item.request_id in capture_logits
+        }
+        rows = [(s.request_id, s.sampling_params, s.output_token_ids, s.num_generated)
+                for s in sampling]
+        sampled = self._sample(logits, rows)
+        self._last_token_ids = sampled.token_ids
+        self._last_rows = {s.request_id: row for row, s in enumerate(sampling)}
+        return PendingOutput(rows, sampled, captured)
 
     def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        fill = self._token_fill(scheduled)
         connector = self.kv_connector
         if connector is not None and connector.begin_step(scheduled):
             try:
-                return self._forward_eager(scheduled, layer_hook=connector.save_layer)
+                return self._forward_eager(scheduled, fill, layer_hook=connector.save_layer)
             finally:
                 connector.end_step()
         fast = self.decode_step
@@ -91,12 +153,35 @@ class ModelRunner:
                 [s.token_ids[0] for s in scheduled],
                 [s.start_position for s in scheduled],
                 [s.block_ids for s in scheduled],
+                fill,
             )
-        return self._forward_eager(scheduled)
+        return self._forward_eager(scheduled, fill)
+
+    def _token_fill(self, scheduled: list[ScheduledRequest]) -> TokenFill | None:
+        """Where this step's placeholder input ids are, and the device tokens that replace them:
+        each is the last token of its request's grant, sampled by the step launched before."""
+        rows: list[int] = []
+        sources: list[int] = []
+        row = 0
+        for item in scheduled:
+            row += len(item.token_ids)
+            if item.token_ids[-1] != PLACEHOLDER_TOKEN_ID:
+                continue
+            source = self._last_rows.get(item.request_id)
+            if source is None:
+                raise RuntimeError(f"request {item.request_id!r} has a placeholder token but "
+                                   "the step before sampled nothing for it")
+            rows.append(row - 1)
+            sources.append(source)
+        if not rows or self._last_token_ids is None:
+            return None
+        index = to_device([rows, sources], torch.int64, self.device)  # one copy
+        return TokenFill(index[0], self._last_token_ids[index[1]])
 
     def _forward_eager(
         self,
         scheduled: list[ScheduledRequest],
+        fill: TokenFill | None = None,
         layer_hook: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         input_ids: list[int] = []
@@ -114,11 +199,14 @@ class ModelRunner:
         if self.model.quantized_lm_head is not None:  # quantized linears: prompt rows go dense
             rows = generated_rows(scheduled)
             metadata = dataclasses.replace(
-                metadata, generated_rows=torch.tensor(rows, dtype=torch.int64, device=self.device)
+                metadata, generated_rows=to_device(rows, torch.int64, self.device)
             )
+        ids = to_device(input_ids, torch.int64, self.device)
+        if fill is not None:
+            fill.apply(ids)
         return self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            torch.tensor(positions, dtype=torch.int64, device=self.device),
+            ids,
+            to_device(positions, torch.int64, self.device),
             self.kv_cache.layers,
             metadata,
             self.backend,
@@ -126,19 +214,20 @@ class ModelRunner:
         )
 
     def sample(
-        self,
-        logits: torch.Tensor,  # [num_rows, vocab] float32
-        rows: list[tuple[str, SamplingParams, list[int]]],  # (request_id, params, output ids)
+        self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> dict[str, SampledToken]:
-        """Sample one token per row with each request's own generator and constraints."""
+        """Sample one token per row of ``logits`` ([num_rows, vocab] float32) with each
+        request's own generator and constraints, and read them back."""
+        return _to_sampled_tokens(self._sample(logits, rows), rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         batch = SamplingBatch(
-            params=[params for _, params, _ in rows],
-            output_token_ids=[output for _, _, output in rows],
-            generators=[self._generator(rid, params) for rid, params, _ in rows],
-            suppress_token_ids=[self._suppressed(params, output) for _, params, output in rows],
+            params=[params for _, params, _, _ in rows],
+            output_token_ids=[output for _, _, output, _ in rows],
+            generators=[self._generator(rid, params) for rid, params, _, _ in rows],
+            suppress_token_ids=[self._suppressed(params, n) for _, params, _, n in rows],
         )
-        result = sample(logits, batch)
-        return _to_sampled_tokens(result, rows)
+        return sample(logits, batch)
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:
@@ -149,8 +238,8 @@ class ModelRunner:
             self._generators[request_id] = generator
         return self._generators[request_id]
 
-    def _suppressed(self, params: SamplingParams, output: list[int]) -> set[int] | None:
-        if len(output) >= params.min_tokens:
+    def _suppressed(self, params: SamplingParams, num_generated: int) -> set[int] | None:
+        if num_generated >= params.min_tokens:
             return None
         return set(self.eos_token_ids) | set(params.stop_token_ids)
 
@@ -180,15 +269,13 @@ def _query_ends(scheduled: list[ScheduledRequest], sampling: list[ScheduledReque
     return [ends[s.request_id] for s in sampling]
 
 
-def _to_sampled_tokens(
-    result: SamplerOutput, rows: list[tuple[str, SamplingParams, list[int]]]
-) -> dict[str, SampledToken]:
+def _to_sampled_tokens(result: SamplerOutput, rows: list[SamplingRow]) -> dict[str, SampledToken]:
     token_ids = result.token_ids.tolist()
     logprobs = result.logprobs.tolist() if result.logprobs is not None else None
     top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
     top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
     out: dict[str, SampledToken] = {}
-    for row, (request_id, params, _) in enumerate(rows):
+    for row, (request_id, params, _, _) in enumerate(rows):
         token = SampledToken(token_ids[row])
         if params.logprobs is not None and logprobs is not None:
             token.logprob = logprobs[row]

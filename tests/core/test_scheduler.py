@@ -79,7 +79,8 @@ def test_max_tokens_and_eos_finish_and_free_blocks() -> None:
     scheduler.add_request(make_request("b", 3, 1.0, max_tokens=5))
     run_step(scheduler, token=7)
     out = scheduler.schedule()
-    finished = scheduler.update_from_output(out, {"a": 7, "b": 2})  # b samples EOS
+    updated = scheduler.update_from_output(out, {"a": 7, "b": 2})  # b samples EOS
+    finished = [r for r in updated if r.is_finished]
     assert {r.request_id: r.finish_reason for r in finished} == {"a": "length", "b": "stop"}
     assert scheduler.kv.num_free_blocks == 16
     assert not scheduler.has_unfinished

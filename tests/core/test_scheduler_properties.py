@@ -6,6 +6,10 @@ own token prefix through its block table, and "samples" a token that is a pure f
 prefix. So a wrong prefix hit, a block reused while still in use, or a chunk written to the
 wrong slot shows up as a wrong context, and every request's output must equal what it would be
 alone.
+
+The same workloads also run pipelined, as asynchronous scheduling drives the scheduler: step
+N+1 is scheduled and run before step N's tokens are handed back, its placeholder tokens
+resolved from step N's samples the way the model runner does on the device.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from kvserve.core.kv_cache_manager import KVCacheManager
-from kvserve.core.request import Request
+from kvserve.core.request import PLACEHOLDER_TOKEN_ID, Request
 from kvserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -83,10 +87,14 @@ class FakeModel:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.slots: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.last_sampled: dict[str, int] = {}  # the step before's tokens, as on the device
 
     def execute(self, step: SchedulerOutput, requests: dict[str, Request]) -> dict[str, int]:
         for item in step.scheduled:  # store every token first, as the model does
             for offset, token in enumerate(item.token_ids):
+                if token == PLACEHOLDER_TOKEN_ID:
+                    assert offset == len(item.token_ids) - 1, "a placeholder not last"
+                    token = self.last_sampled[item.request_id]
                 position = item.start_position + offset
                 block = item.block_ids[position // self.block_size]
                 self.slots[block][position % self.block_size] = token
@@ -98,9 +106,13 @@ class FakeModel:
                 self.slots[item.block_ids[p // self.block_size]][p % self.block_size]
                 for p in range(end)
             ]
-            assert context == requests[item.request_id].all_token_ids[:end], item.request_id
+            known = requests[item.request_id].all_token_ids
+            if end > len(known):  # the token the step before sampled, not handed back yet
+                known = known + [self.last_sampled[item.request_id]]
+            assert context == known[:end], item.request_id
             if item.sample:
                 sampled[item.request_id] = next_token(context)
+        self.last_sampled = sampled
         return sampled
 
 
@@ -120,8 +132,25 @@ def test_tight_pools_preempt_shared_prefixes_and_still_finish_every_request(
     run_workload(*workload)
 
 
-def run_workload(config: dict, specs: list[Spec]) -> None:
-    """Drive the scheduler step by step, checking the invariants around every step."""
+@settings(max_examples=300, deadline=None)
+@given(workloads())
+def test_pipelined_random_workloads_give_every_request_its_alone_tokens(
+    workload: tuple[dict, list[Spec]],
+) -> None:
+    run_workload(*workload, pipelined=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(workloads(tight=True))
+def test_pipelined_tight_pools_preempt_requests_with_a_token_in_flight_and_lose_nothing(
+    workload: tuple[dict, list[Spec]],
+) -> None:
+    run_workload(*workload, pipelined=True)
+
+
+def run_workload(config: dict, specs: list[Spec], pipelined: bool = False) -> None:
+    """Drive the scheduler step by step, checking the invariants around every step.
+    ``pipelined``: each step's tokens are handed back after the next step has run."""
     kv = KVCacheManager(config["num_blocks"], config["block_size"], config["prefix_caching"])
     scheduler = Scheduler(
         SchedulerConfig(
@@ -133,6 +162,7 @@ def run_workload(config: dict, specs: list[Spec]) -> None:
     )
     model = FakeModel(config["num_blocks"], config["block_size"])
     requests: dict[str, Request] = {}
+    in_flight: tuple[SchedulerOutput, dict[str, int]] | None = None
     for step_index in range(MAX_STEPS):
         for i, spec in enumerate(specs):
             if spec.arrival_step == step_index:
@@ -153,9 +183,16 @@ def run_workload(config: dict, specs: list[Spec]) -> None:
         kv.check_invariants()
         assert step.num_tokens <= config["max_num_batched_tokens"]
         assert len(step.scheduled) <= config["max_num_seqs"]
-        scheduler.update_from_output(step, model.execute(step, requests))
+        sampled = model.execute(step, requests)
+        if pipelined:
+            if in_flight is not None:
+                scheduler.update_from_output(*in_flight)
+            in_flight = (step, sampled) if not step.is_empty else None
+        else:
+            scheduler.update_from_output(step, sampled)
         kv.check_invariants()
-        if step_index > max(s.arrival_step for s in specs) and not scheduler.has_unfinished:
+        if (step_index > max(s.arrival_step for s in specs) and not scheduler.has_unfinished
+                and in_flight is None):
             break
     assert not scheduler.has_unfinished, f"requests still unfinished after {MAX_STEPS} steps"
     assert len(requests) == len(specs)

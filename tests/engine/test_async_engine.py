@@ -90,16 +90,16 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
     llm: LLM, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = llm.engine.runner
-    execute = runner.execute
+    launch = runner.launch
     calls = {"n": 0}
 
     def fail_once(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated kernel failure")
-        return execute(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "execute", fail_once)
+    monkeypatch.setattr(runner, "launch", fail_once)
     with pytest.raises(RequestFailedError):
         asyncio.run(collect(engine, PROMPTS[1]))
     assert asyncio.run(collect(engine, PROMPTS[1])) == asyncio.run(collect(engine, PROMPTS[1]))

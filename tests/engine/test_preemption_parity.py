@@ -68,6 +68,13 @@ def tiny_chunked(block_bytes: int) -> LLM:
 
 
 @pytest.fixture(scope="module")
+def tiny_async(block_bytes: int) -> LLM:
+    """As tiny_chunked, scheduling each step while the one before runs: a request can be
+    preempted with a token in flight."""
+    return make_llm(block_bytes, max_num_batched_tokens=40, async_scheduling=True)
+
+
+@pytest.fixture(scope="module")
 def prompts(tiny_plain: LLM) -> list[list[int]]:
     """A 32-token system prompt alone and with distinct suffixes: 32, 33, 47 and 48 tokens."""
     encode = tiny_plain.tokenizer.encode
@@ -88,12 +95,12 @@ def alone(tiny_plain: LLM):
 def abort_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a failed test, abort what it left in its engines, so the next test starts idle."""
     yield
-    for name in ("tiny_plain", "tiny_chunked"):
+    for name in ("tiny_plain", "tiny_chunked", "tiny_async"):
         if name in request.fixturenames:
             abort_all(request.getfixturevalue(name))
 
 
-@pytest.mark.parametrize("engine", ["tiny_plain", "tiny_chunked"])
+@pytest.mark.parametrize("engine", ["tiny_plain", "tiny_chunked", "tiny_async"])
 def test_preempted_batch_equals_each_prompt_alone(
     engine: str, prompts: list[list[int]], alone, request: pytest.FixtureRequest
 ) -> None:

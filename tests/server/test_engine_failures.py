@@ -21,16 +21,16 @@ BODY = {"model": "m", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
 @pytest.fixture
 def failing_once(llm_f32: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = llm_f32.engine.runner
-    execute = runner.execute
+    launch = runner.launch
     calls = {"n": 0}
 
     def fail_once(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated kernel failure")
-        return execute(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "execute", fail_once)
+    monkeypatch.setattr(runner, "launch", fail_once)
 
 
 def run(llm: LLM, *bodies: dict) -> tuple[list[httpx.Response], ServerMetrics]:

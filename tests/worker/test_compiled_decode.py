@@ -38,9 +38,9 @@ def count_batch_sizes(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> Counter[int]
     sizes: Counter[int] = Counter()
     run = step.run
 
-    def counted(input_ids, positions, block_tables):
+    def counted(input_ids, positions, block_tables, fill=None):
         sizes[len(input_ids)] += 1
-        return run(input_ids, positions, block_tables)
+        return run(input_ids, positions, block_tables, fill)
 
     monkeypatch.setattr(step, "run", counted)
     return sizes
@@ -64,6 +64,21 @@ def test_float32_compiled_tokens_equal_the_eager_ones(
     # every decode of both runs went through a graph: 23 steps alone for each prompt, and the
     # batch's decodes (the last prompt's prefill rides with the others' first decodes)
     assert sizes[1] == len(PROMPTS) * (GREEDY.max_tokens - 1)
+    assert sizes[len(PROMPTS)] >= GREEDY.max_tokens - 2
+    assert_idle(compiled_f32)
+
+
+@needs_compiler
+def test_async_scheduling_fills_the_compiled_steps_placeholders(
+    compiled_f32: LLM, llm_f32: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each decode's input is the token the step before sampled, put in place inside the
+    compiled step's inputs (TokenFill) rather than read back first."""
+    sizes = count_batch_sizes(compiled_f32, monkeypatch)
+    monkeypatch.setattr(compiled_f32.engine.core, "async_scheduling", True)
+    eager = [o.token_ids for o in llm_f32.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    batch = [o.token_ids for o in compiled_f32.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert batch == eager
     assert sizes[len(PROMPTS)] >= GREEDY.max_tokens - 2
     assert_idle(compiled_f32)
 
