@@ -19,6 +19,9 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 # Qwen3-0.6B shape made 7,400 output tokens/s with 64 and 13,415 with 256 (issue 14). vLLM
 # uses 256 to 1,024. A CPU's step grows with the batch, and 64 already fills its two cores.
 DEFAULT_MAX_NUM_SEQS = {"cpu": 64, "cuda": 256}
+# Tokens per step when max_num_batched_tokens is not given (vLLM's default for online serving on
+# an H100/H200 is 8,192; it uses 16,384 offline). On a CPU it is also at most max_model_len.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def add_engine_args(parser: argparse.ArgumentParser, trace: bool = True) -> None
         "--max-num-batched-tokens",
         type=int,
         default=None,
-        help="most tokens in one step (default: min(max_model_len, 8192))",
+        help="most tokens in one step (default: 8192 on a GPU, min(max_model_len, 8192) on CPU)",
     )
     group.add_argument(
         "--attention-backend",

@@ -8,7 +8,7 @@ import torch
 
 from kvserve.analysis.trace import StepTrace
 from kvserve.attention.backend import AttentionBackend, create_backend
-from kvserve.config import EngineConfig
+from kvserve.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.engine_core import EngineCore
@@ -67,7 +67,8 @@ def build_engine(
     _quantize(model, config, loaded.source, dtype)
     backend = create_backend(config.attention_backend)
     # The largest step before the pool is known: what the activation profile must cover.
-    max_num_batched_tokens = config.max_num_batched_tokens or min(max_model_len, 8192)
+    max_num_batched_tokens = config.max_num_batched_tokens or default_batched_tokens(
+        config, max_model_len)
     kv_bytes = config.kv_cache_bytes
     memory_plan = None
     if kv_bytes is None:
@@ -89,7 +90,8 @@ def build_engine(
     scheduler_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         # After max_model_len is clamped to the pool: a step never exceeds what the pool holds.
-        max_num_batched_tokens=config.max_num_batched_tokens or min(max_model_len, 8192),
+        max_num_batched_tokens=config.max_num_batched_tokens or default_batched_tokens(
+            config, max_model_len),
         max_model_len=max_model_len,
     )
     kv_manager = KVCacheManager(
@@ -122,6 +124,15 @@ def build_engine(
         max_model_len, trace, async_scheduling,
     )
     return core, loaded.tokenizer
+
+
+def default_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
+    """Tokens per step when not given: DEFAULT_MAX_NUM_BATCHED_TOKENS on a GPU (several
+    prompts' chunks in one prefill step, whatever max_model_len is); on a CPU, at most one
+    max_model_len (its step time grows with the tokens, and a long step stalls the decodes)."""
+    if config.on_gpu:
+        return DEFAULT_MAX_NUM_BATCHED_TOKENS
+    return min(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
 
 
 def _fast_decode_step(
