@@ -33,6 +33,9 @@ class AttentionMetadata:
     # rows whose tokens were generated (positions past their prompt), for quantized linears
     # that keep prompt tokens on a dense path; None: not told (every row is treated alike)
     generated_rows: torch.Tensor | None = None
+    # The Triton prefill kernel's (request, first query) per program, when the caller keeps them
+    # in its own buffers (a CUDA graph of a prefill step); None: built from query_lens_list
+    prefill_tiles: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -59,7 +59,9 @@ class TritonBackend(AttentionBackend):
             return paged_decode(
                 query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale, splits
             )
-        if self._tiles is None or self._tiles[0] is not metadata:  # once per step, not layer
+        if metadata.prefill_tiles is not None:
+            self._tiles = (metadata, metadata.prefill_tiles)
+        elif self._tiles is None or self._tiles[0] is not metadata:  # once per step, not layer
             self._tiles = (metadata, prefill_tile_tensors(metadata.query_lens_list, query.device))
         return paged_prefill(
             query,

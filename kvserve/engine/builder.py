@@ -26,6 +26,7 @@ from kvserve.worker.decode_inputs import DecodeStep
 from kvserve.worker.gpu_memory import plan_kv_cache
 from kvserve.worker.kv_cache import PagedKVCache, allocate_kv_cache
 from kvserve.worker.model_runner import ModelRunner
+from kvserve.worker.prefill_graphs import PrefillGraphs
 
 logger = logging.getLogger("kvserve")
 
@@ -105,6 +106,11 @@ def build_engine(
     if memory_plan is not None:
         logger.info("%s", memory_plan.describe())
     decode_step = _fast_decode_step(model, kv_cache, backend, config, max_model_len, device)
+    prefill_graphs = None
+    if config.on_gpu and not config.enforce_eager and backend.name == "triton":
+        prefill_graphs = PrefillGraphs(model, kv_cache.layers, backend, kv_cache.block_size,
+                                       config.max_num_seqs, max_model_len, device)
+        prefill_graphs.capture()
     if kv_connector is not None:
         kv_connector.bind(kv_cache)
     runner = ModelRunner(
@@ -115,6 +121,7 @@ def build_engine(
         device,
         decode_step,
         kv_connector,
+        prefill_graphs,
     )
     trace = StepTrace(config.trace_file) if config.trace_file else None
     if trace is not None:

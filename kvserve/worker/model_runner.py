@@ -19,6 +19,7 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
 from kvserve.worker.decode_inputs import DecodeStep, TokenFill
 from kvserve.worker.kv_cache import PagedKVCache
+from kvserve.worker.prefill_graphs import PrefillGraphs
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
 
 
@@ -87,6 +88,7 @@ class ModelRunner:
         device: torch.device | str = "cpu",
         decode_step: DecodeStep | None = None,
         kv_connector: KVConnector | None = None,
+        prefill_graphs: PrefillGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -95,6 +97,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.decode_step = decode_step  # CUDA graphs (GPU) or a compiled step (CPU)
         self.kv_connector = kv_connector  # a prefill engine's KV saver (kvserve.disagg)
+        self.prefill_graphs = prefill_graphs  # small steps that are not all decodes (GPU)
         self._generators: dict[str, torch.Generator] = {}
         # The last launched step's sampled token ids (device) and each request's row in them.
         self._last_token_ids: torch.Tensor | None = None
@@ -151,6 +154,15 @@ class ModelRunner:
         ):
             return fast.run(
                 [s.token_ids[0] for s in scheduled],
+                [s.start_position for s in scheduled],
+                [s.block_ids for s in scheduled],
+                fill,
+            )
+        small = self.prefill_graphs
+        if small is not None and small.fits(sum(len(s.token_ids) for s in scheduled),
+                                            len(scheduled)):
+            return small.run(
+                [s.token_ids for s in scheduled],
                 [s.start_position for s in scheduled],
                 [s.block_ids for s in scheduled],
                 fill,
