@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20
+_MAX_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,8 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k == -1`` (or 0) disables top-k. ``stop`` strings are
     matched on the detokenized text, across token boundaries, and are not included in the output.
     ``logprobs=N`` returns the chosen token's log-probability plus the N most likely alternatives.
+    ``logit_bias`` adds ``(token_id, bias)`` pairs to the logits before sampling (OpenAI's
+    ``logit_bias``: -100 all but bans a token, +100 all but forces it).
     """
 
     max_tokens: int = 16
@@ -30,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -38,6 +42,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         _check(0 <= self.temperature < math.inf,
@@ -61,6 +67,12 @@ class SamplingParams:
                "min_tokens",
                f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                   and isinstance(b, int | float) and -_MAX_BIAS <= b <= _MAX_BIAS
+                   for t, b in self.logit_bias),
+               "logit_bias", f"must map token ids >= 0 to biases in [-{_MAX_BIAS}, {_MAX_BIAS}]")
+        _check(len({t for t, _ in self.logit_bias}) == len(self.logit_bias),
+               "logit_bias", "names a token id twice")
 
     @property
     def greedy(self) -> bool:

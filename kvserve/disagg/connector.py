@@ -33,11 +33,13 @@ from kvserve.worker.kv_cache import PagedKVCache
 
 
 def first_token_params(params: SamplingParams) -> SamplingParams:
-    """What the prefill engine samples the first token with: the request's own sampling, one
-    token, end-of-sequence not checked (the decode engine decides when the request ends)."""
+    """What the prefill engine samples the first token with: the request's own sampling
+    (logit_bias, and min_tokens' ban on EOS and stop ids, included), one token, end-of-sequence
+    not checked (the decode engine decides when the request ends)."""
     return SamplingParams(max_tokens=1, temperature=params.temperature, top_k=params.top_k,
                           top_p=params.top_p, min_p=params.min_p, seed=params.seed,
-                          ignore_eos=True)
+                          ignore_eos=True, stop_token_ids=params.stop_token_ids,
+                          min_tokens=min(params.min_tokens, 1), logit_bias=params.logit_bias)
 
 
 @dataclass

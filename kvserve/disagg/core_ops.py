@@ -198,7 +198,8 @@ class DecodeOps(_PendingCalls):
         try:
             plan = self.loader.reserve(op.prompt_token_ids, op.params, transfer_id)
         except (ValueError, RuntimeError) as error:
-            return _invalid(call_id, error, "prompt_token_ids")
+            param = "logit_bias" if "logit_bias" in str(error) else "prompt_token_ids"
+            return _invalid(call_id, error, param)
         self._reserved_at[transfer_id] = time.monotonic()
         return CallResult(call_id, ReservedKV(transfer_id, plan.num_tokens, plan.skip_tokens))
 

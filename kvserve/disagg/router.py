@@ -20,11 +20,13 @@ import jinja2
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import ValidationError
 
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.server import sse
-from kvserve.server.errors import install_error_handlers
-from kvserve.server.serving import new_id, unix_time
+from kvserve.server.errors import from_validation_error, install_error_handlers
+from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from kvserve.server.serving import new_id, refuse_unsupported, unix_time
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
                  "stop", "presence_penalty", "frequency_penalty", "min_tokens")
@@ -161,6 +163,7 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
 
     @app.post("/v1/completions")
     async def completions(body: dict[str, Any]) -> Any:
+        parsed = check_like_a_server(body, chat=False)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompt_ids = tokenizer.encode(prompt)
@@ -168,10 +171,11 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
             prompt_ids = prompt
         else:
             return _error(400, "prompt must be a string or a non-empty list of token ids")
-        return await respond(body, prompt_ids, chat=False)
+        return await respond(body, parsed, prompt_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: dict[str, Any]) -> Any:
+        parsed = check_like_a_server(body, chat=True)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _error(400, "messages must be a non-empty list")
@@ -179,10 +183,14 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
             prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except (ValueError, TypeError, KeyError, jinja2.TemplateError) as error:
             return _error(400, f"messages: {error}")
-        return await respond(body, prompt_ids, chat=True)
+        return await respond(body, parsed, prompt_ids, chat=True)
 
-    async def respond(body: dict[str, Any], prompt_ids: list[int], chat: bool) -> Any:
+    async def respond(
+        body: dict[str, Any], parsed: SamplingRequest, prompt_ids: list[int], chat: bool
+    ) -> Any:
         sampling = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+        if parsed.logit_bias:  # token ids as keys, each bias clamped as the server does
+            sampling["logit_bias"] = [[int(t), b] for t, b in parsed.logit_bias.items()]
         if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
             sampling["max_tokens"] = body["max_completion_tokens"]
         sampling.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
@@ -220,6 +228,18 @@ def build_router_app(router: Router, tokenizer: Tokenizer, model_name: str) -> F
         })
 
     return app
+
+
+def check_like_a_server(body: dict[str, Any], chat: bool) -> SamplingRequest:
+    """The colocated server's validation of the body: the same 400s, with the same messages,
+    for invalid fields and for fields kvserve does not honour yet."""
+    model = ChatCompletionRequest if chat else CompletionRequest
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as error:
+        raise from_validation_error(error) from None
+    refuse_unsupported(parsed)
+    return parsed
 
 
 async def _sse(

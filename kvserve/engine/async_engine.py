@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from kvserve.config import EngineConfig, KVRole
 from kvserve.engine.core_client import CoreClient, ThreadCoreClient
 from kvserve.engine.core_loop import CoreOps
-from kvserve.engine.engine_core import EngineCore, validate_prompt
+from kvserve.engine.engine_core import EngineCore, validate_params, validate_prompt
 from kvserve.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -157,6 +157,10 @@ class AsyncEngine:
     def validate(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError for a prompt the engine could never run."""
         validate_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """Raise ValueError for sampling parameters naming tokens outside the vocabulary."""
+        validate_params(params, self.vocab_size)
 
     @property
     def num_in_flight(self) -> int:

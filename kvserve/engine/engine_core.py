@@ -35,6 +35,14 @@ class StepFailed(RuntimeError):
         self.cause = cause
 
 
+def validate_params(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ValueError for sampling parameters that name tokens outside the vocabulary."""
+    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                         f"[0, {vocab_size})")
+
+
 def validate_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
     """Raise ValueError for a prompt that could never run (the front end and the core agree)."""
     if not prompt_token_ids:
@@ -119,6 +127,7 @@ class EngineCore:
     def add_request(self, request: Request, capture_logits: bool = False) -> None:
         """Queue ``request``; ValueError for a prompt that cannot run or an id in use."""
         self.validate_prompt(request.prompt_token_ids)
+        validate_params(request.sampling_params, self.vocab_size)
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if capture_logits:  # keep the raw logits of every sampling step (tests, prefill export)
@@ -301,6 +310,7 @@ class EngineCore:
         someone else (``write_kv``, a KV transport), then ``admit_with_kv`` continues it. No
         block is offered to the prefix cache before that. RuntimeError if the pool is full."""
         self.validate_prompt(prompt_token_ids)
+        validate_params(params, self.vocab_size)
         request = self.new_request(prompt_token_ids, params, request_id)
         kv = self.scheduler.kv
         hit = kv.find_cached_prefix(request)

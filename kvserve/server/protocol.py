@@ -2,18 +2,21 @@
 
 Requests accept and ignore fields they do not know (OpenAI clients send extras), but a known
 field with an invalid value is an error that names the field and its limit. ``top_k``,
-``min_p`` and ``ignore_eos`` are extensions (as in vLLM).
+``min_p`` and ``ignore_eos`` are extensions (as in vLLM). A field kvserve knows but does not
+honour yet (``response_format``, ``tools``...) is refused by name (``unsupported_field``), never
+silently ignored.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_N = 16  # most choices per prompt
 MAX_TOP_LOGPROBS = 20  # as SamplingParams allows
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range; larger biases are clamped to it
 
 
 class _Request(BaseModel):
@@ -77,6 +80,55 @@ class SamplingRequest(_Request):
     top_k: int | None = None  # extension: -1 or 0 disables
     min_p: float | None = None  # extension
     ignore_eos: bool = False  # extension
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    # Known but not honoured yet: a request that uses one is refused (unsupported_field).
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_as_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys must be token ids; values are clamped to [-100, 100] (as OpenAI's range)."""
+        if value is None:
+            return None
+        out = {}
+        for key, bias in value.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            out[str(int(key))] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, bias))
+        return out
+
+    def unsupported_field(self) -> str | None:
+        """The first field this request uses that kvserve does not honour, if any."""
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format"
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        if self.modalities not in (None, ["text"]):
+            return "modalities"
+        for name in ("functions", "function_call", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs",
+                     "audio", "prediction"):
+            if getattr(self, name) is not None:
+                return name
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -117,6 +169,10 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    suffix: str | None = None  # not honoured: refused
+
+    def unsupported_field(self) -> str | None:
+        return "suffix" if self.suffix is not None else super().unsupported_field()
 
 
 # -- responses -----------------------------------------------------------------------------

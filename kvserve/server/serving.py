@@ -111,6 +111,7 @@ def choice_requests(
     Choice ``j`` of prompt ``i`` is response index ``i * n + j``; with a ``seed`` it samples
     with ``seed + j``, so the choices differ but a repeated request gives the same ones.
     """
+    refuse_unsupported(body)
     requested = getattr(body, max_tokens_param)
     requests = []
     for i, prompt in enumerate(prompts):
@@ -127,7 +128,20 @@ def choice_requests(
                     params=sampling_params(body, max_tokens, j, logprobs, max_tokens_param),
                 )
             )
+    try:
+        ctx.engine.validate_params(requests[0].params)
+    except ValueError as error:
+        raise invalid_request(f"logit_bias: {error}", param="logit_bias") from None
     return requests
+
+
+def refuse_unsupported(body: SamplingRequest) -> None:
+    """400 naming the first field the request uses that kvserve does not honour yet."""
+    unsupported = body.unsupported_field()
+    if unsupported is not None:
+        raise invalid_request(
+            f"{unsupported} is not supported by this server yet: remove it, or see the README "
+            "for what kvserve honours", param=unsupported)
 
 
 def _max_tokens(
@@ -167,6 +181,7 @@ def sampling_params(
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
         )
     except ValueError as error:
         raise from_sampling_error(error, max_tokens_param) from None

@@ -2,7 +2,8 @@
 
 Order of operations (vLLM/OpenAI semantics):
 1. log-probabilities of the raw logits (only when some request asked for them);
-2. presence/frequency penalties over the tokens generated so far (not the prompt);
+2. presence/frequency penalties over the tokens generated so far (not the prompt), and each
+   request's ``logit_bias``;
 3. suppressed token ids (min_tokens / EOS suppression) set to ``-inf``;
 4. greedy rows take the argmax; sampled rows divide by temperature, apply top-k, top-p and
    min-p, then draw one token by inverting the CDF at a uniform ``u``.
@@ -80,6 +81,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     raw_logprobs = torch.log_softmax(logits, dim=-1) if asked else None  # [num_reqs, vocab]
 
     processed = apply_penalties(logits, batch.params, batch.output_token_ids)
+    processed = apply_logit_bias(processed, batch.params)
     processed = apply_suppression(processed, batch.suppress_token_ids)
 
     token_ids = _choose_tokens(processed, batch)  # [num_reqs]
@@ -118,6 +120,26 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     row_index = to_device(rows, torch.int64, logits.device)
     out = logits.clone()
     out[row_index] -= presence * (counts > 0) + frequency * counts
+    return out
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Add each row's ``logit_bias`` (ids outside the vocabulary are refused before a request
+    is accepted). Returns a new tensor when any row has a bias, else ``logits`` itself."""
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        for token_id, bias in p.logit_bias:
+            rows.append(i)
+            cols.append(token_id)
+            values.append(bias)
+    if not rows:
+        return logits
+    out = logits.clone()
+    index = to_device([rows, cols], torch.int64, logits.device)
+    out.index_put_((index[0], index[1]), to_device(values, logits.dtype, logits.device),
+                   accumulate=True)
     return out
 
 

@@ -193,12 +193,25 @@ def test_chat_completion_equals_the_colocated_chat(disaggregated, colocated: LLM
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected_text}
 
 
+def test_logit_bias_reaches_both_engines(disaggregated) -> None:
+    """The prefill engine samples the first token and the decode engine the rest: +100 on one
+    token (clamped from 500, as the server does) makes it every token."""
+    body = {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "logit_bias": {"42": 500}}
+    reply = httpx.post(disaggregated["router"] + "/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["token_ids"] == [42, 42, 42]
+
+
 def test_bad_input_gets_a_clear_error_and_leaks_nothing(disaggregated) -> None:
     router = disaggregated["router"] + "/v1/completions"
     cases = [
         ({"prompt": []}, "prompt must be a string or a non-empty list"),
         ({"prompt": [5, 6, 10**9], "max_tokens": 4}, "outside the vocabulary"),
         ({"prompt": [5, 6], "max_tokens": -1}, "max_tokens"),
+        ({"prompt": [5, 6], "response_format": {"type": "json_object"}},
+         "response_format is not supported by this server yet"),
+        ({"prompt": [5, 6], "logit_bias": {"x": 1}}, "keys must be token ids"),
+        ({"prompt": [5, 6], "logit_bias": {str(10**9): 1}}, "outside the vocabulary"),
     ]
     for body, text in cases:
         reply = httpx.post(router, json=body, timeout=60)

@@ -96,3 +96,25 @@ def test_timings_are_recorded(llm_f32: LLM) -> None:
     assert out.time_to_first_token is not None and out.time_to_first_token > 0
     assert len(out.token_times) == 5 and len(out.inter_token_latencies) == 4
     assert all(gap >= 0 for gap in out.inter_token_latencies)
+
+
+def test_logit_bias_changes_the_greedy_token_and_can_force_one(llm_f32: LLM) -> None:
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    [plain] = llm_f32.generate([PROMPT], greedy, use_tqdm=False)
+    first = plain.token_ids[0]
+    banned = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                            logit_bias={first: -100.0})
+    [other] = llm_f32.generate([PROMPT], banned, use_tqdm=False)
+    assert other.token_ids[0] != first
+    forced = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                            logit_bias={42: 100.0})
+    [outputs] = llm_f32.generate([PROMPT], forced, use_tqdm=False)
+    assert outputs.token_ids == [42, 42, 42]
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(llm_f32: LLM) -> None:
+    vocab = llm_f32.engine.runner.model.config.vocab_size
+    params = SamplingParams(max_tokens=2, logit_bias={vocab: 1.0})
+    with pytest.raises(ValueError, match=f"logit_bias token id {vocab} is outside"):
+        llm_f32.generate([PROMPT], params, use_tqdm=False)
+    assert llm_f32.get_stats()["num_waiting"] == 0

@@ -211,3 +211,34 @@ def test_batch_length_mismatch_is_rejected() -> None:
         SamplingBatch(params=[SamplingParams()], output_token_ids=[[]], generators=[])
     with pytest.raises(ValueError, match="rows"):
         sample(_logits(2), _batch([SamplingParams()]))
+
+
+def test_logit_bias_is_added_to_its_rows_only() -> None:
+    logits = _logits(3, seed=5)
+    params = [SamplingParams(logit_bias={3: 2.5, 7: -1.0}), SamplingParams(),
+              SamplingParams(logit_bias={3: 100.0})]
+    out = sampler.apply_logit_bias(logits, params)
+    want = logits.clone()
+    want[0, 3] += 2.5
+    want[0, 7] -= 1.0
+    want[2, 3] += 100.0
+    assert torch.equal(out, want)
+    assert sampler.apply_logit_bias(logits, [SamplingParams()] * 3) is logits  # no copy
+
+
+def test_logit_bias_bans_the_greedy_token_and_forces_another() -> None:
+    logits = _logits(2, seed=6)
+    top = logits.argmax(dim=-1)
+    least = logits.argmin(dim=-1)
+    params = [SamplingParams(temperature=0.0, logit_bias={int(top[0]): -100.0}),
+              SamplingParams(temperature=1.0, seed=1, logit_bias={int(least[1]): 100.0})]
+    out = sample(logits, _batch(params))
+    assert out.token_ids[0] == logits[0].topk(2).indices[1]  # the runner-up instead
+    assert out.token_ids[1] == least[1]  # sampled, yet +100 leaves nothing else
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {3: 101.0}, {3: float("nan")}, {True: 1.0},
+                                  ((3, 1.0), (3, 2.0))])
+def test_bad_logit_bias_is_refused(bias) -> None:
+    with pytest.raises(ValueError, match="SamplingParams.logit_bias"):
+        SamplingParams(logit_bias=bias)
