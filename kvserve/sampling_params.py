@@ -34,6 +34,8 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # (kind, spec): output constrained to a grammar (kvserve.worker.grammar.GRAMMAR_KINDS)
+    structured: tuple[str, str] | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +75,12 @@ class SamplingParams:
                "logit_bias", f"must map token ids >= 0 to biases in [-{_MAX_BIAS}, {_MAX_BIAS}]")
         _check(len({t for t, _ in self.logit_bias}) == len(self.logit_bias),
                "logit_bias", "names a token id twice")
+        if self.structured is not None:
+            object.__setattr__(self, "structured", tuple(self.structured))
+            _check(len(self.structured) == 2 and all(isinstance(x, str) for x in self.structured),
+                   "structured", "must be a (kind, spec) pair of strings")
+            _check(not self.ignore_eos, "structured",
+                   "cannot be combined with ignore_eos: a finished grammar ends with EOS")
 
     @property
     def greedy(self) -> bool:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.server import sse
-from kvserve.server.errors import from_validation_error, install_error_handlers
+from kvserve.server.errors import from_validation_error, install_error_handlers, invalid_request
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from kvserve.server.serving import new_id, refuse_unsupported, unix_time
 
@@ -239,6 +239,12 @@ def check_like_a_server(body: dict[str, Any], chat: bool) -> SamplingRequest:
     except ValidationError as error:
         raise from_validation_error(error) from None
     refuse_unsupported(parsed)
+    for field in ("response_format", "structured_outputs"):
+        value = getattr(parsed, field)
+        if value is not None and not (field == "response_format" and value.get("type") == "text"):
+            raise invalid_request(f"{field} is not supported through the router yet (the prefill "
+                                  "engine samples the first token without the grammar)",
+                                  param=field)
     return parsed
 
 

@@ -24,6 +24,7 @@ from kvserve.worker.compiled_decode import COMPILED_MAX_BATCH, CompiledDecode
 from kvserve.worker.cuda_graphs import DecodeGraphs
 from kvserve.worker.decode_inputs import DecodeStep
 from kvserve.worker.gpu_memory import plan_kv_cache
+from kvserve.worker.grammar import Grammars
 from kvserve.worker.kv_cache import PagedKVCache, allocate_kv_cache
 from kvserve.worker.model_runner import ModelRunner
 from kvserve.worker.prefill_graphs import PrefillGraphs
@@ -122,6 +123,7 @@ def build_engine(
         decode_step,
         kv_connector,
         prefill_graphs,
+        Grammars(loaded.tokenizer.hf, model_config.vocab_size),
     )
     trace = StepTrace(config.trace_file) if config.trace_file else None
     if trace is not None:

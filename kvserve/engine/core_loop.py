@@ -115,7 +115,9 @@ class CoreLoop:
     def turn(self) -> bool:
         """One turn: messages, finished operations, one step. False once told to stop."""
         core = self.core
-        timeout = 0.0 if core.has_work else OPS_POLL_S if self.ops.busy else IDLE_WAIT_S
+        steppable = core.has_work and not core.only_compiling  # (a grammar only compiling:
+        polling = self.ops.busy or core.only_compiling           # poll, do not spin)
+        timeout = 0.0 if steppable else OPS_POLL_S if polling else IDLE_WAIT_S
         for message in self.inbox.receive(timeout):
             if not self.apply(message):
                 return False

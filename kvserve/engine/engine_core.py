@@ -10,7 +10,9 @@ with its KV already in the cache and its first token (``LLM.decode`` and a decod
 from __future__ import annotations
 
 import itertools
+import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,8 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.model_runner import ModelRunner, PendingOutput
+
+logger = logging.getLogger("kvserve")
 
 
 class StepFailed(RuntimeError):
@@ -93,6 +97,8 @@ class EngineCore:
         self._queued: list[EngineOutput] = []  # outputs of named operations, sent with a step
         self.async_scheduling = async_scheduling
         self._in_flight: _InFlight | None = None  # launched, its tokens not read yet
+        # structured requests whose grammar is still compiling: (request, its future)
+        self._compiling: dict[str, tuple[Request, Future]] = {}
 
     # -- requests --------------------------------------------------------------------------
 
@@ -130,12 +136,29 @@ class EngineCore:
         validate_params(request.sampling_params, self.vocab_size)
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        structured = request.sampling_params.structured
+        if structured is not None:
+            if request.request_id in self._compiling:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            if self.runner.grammars is None:
+                raise ValueError("structured outputs need an engine with grammars")
+            self.scheduler.check_fits(request.num_prompt_tokens)
         if capture_logits:  # keep the raw logits of every sampling step (tests, prefill export)
             self._capture_logits.add(request.request_id)
+        if structured is not None and self.runner.grammars is not None:
+            future = self.runner.grammars.compile(*structured)
+            if not future.done():  # scheduled once compiled, off the step loop's thread
+                self._compiling[request.request_id] = (request, future)
+                return
+            if future.exception() is not None:
+                raise ValueError(f"structured: {future.exception()}")
         self.scheduler.add_request(request)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """End a request now and free its blocks; an unknown or finished id is ignored."""
+        compiling = self._compiling.pop(request_id, None)
+        if compiling is not None:
+            compiling[0].finish(reason)
         request = self.scheduler.requests.get(request_id)
         self.scheduler.finish_request(request_id, reason)
         self.runner.drop_request(request_id)
@@ -151,7 +174,13 @@ class EngineCore:
     def has_work(self) -> bool:
         """Requests to step, a step to read, or outputs of named operations to hand out."""
         return (self.scheduler.has_unfinished or bool(self._queued)
-                or self._in_flight is not None)
+                or self._in_flight is not None or bool(self._compiling))
+
+    @property
+    def only_compiling(self) -> bool:
+        """Nothing to step but requests whose grammar is still compiling (the loop may wait)."""
+        return bool(self._compiling) and not (
+            self.scheduler.has_unfinished or self._queued or self._in_flight is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -193,6 +222,7 @@ class EngineCore:
         nobody holds are forgotten (this step may have registered blocks it never filled), and
         StepFailed names the requests; the engine stays usable for the others.
         """
+        self._admit_compiled()
         outputs, self._queued = self._queued, []
         if self._in_flight is not None and not self._may_overlap():
             outputs += self._finish(self._pop_in_flight())
@@ -218,10 +248,28 @@ class EngineCore:
 
     def _may_overlap(self) -> bool:
         """Whether the next step may be scheduled before the one in flight has been read.
-        Presence and frequency penalties need every generated id on the host, so while a
-        request uses them the engine steps synchronously."""
+        Presence and frequency penalties need every generated id on the host, and a grammar
+        its last token before it can mask the next, so while a request uses either the
+        engine steps synchronously."""
         return self.async_scheduling and not any(
-            r.sampling_params.uses_penalties for r in self.scheduler.running)
+            r.sampling_params.uses_penalties or r.sampling_params.structured
+            for r in self.scheduler.running)
+
+    def _admit_compiled(self) -> None:
+        """Hand the structured requests whose grammar is ready to the scheduler; one whose
+        grammar failed to compile ends with finish reason ``abort`` (the front end checks
+        grammars first, so that is an engine-side failure)."""
+        for request_id, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            error = future.exception()
+            if error is None:
+                self.scheduler.add_request(request)
+                continue
+            logger.error("request %s: its grammar failed to compile: %s", request_id, error)
+            request.finish("abort")
+            self._queued.append(EngineOutput(request_id, [], "abort", None, 0, None))
 
     def _pop_in_flight(self) -> _InFlight:
         assert self._in_flight is not None

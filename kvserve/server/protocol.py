@@ -9,6 +9,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -111,10 +112,22 @@ class SamplingRequest(_Request):
             out[str(int(key))] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, bias))
         return out
 
+    def structured(self) -> tuple[str, tuple[str, str]] | None:
+        """``(field, (kind, spec))`` of the grammar this request asks for, if any: OpenAI's
+        ``response_format`` (``json_schema``, ``json_object``), or vLLM's ``structured_outputs``
+        (``json``, ``json_object``, ``regex``, ``choice``, ``grammar``). ValueError for a
+        malformed one (checked in the front end, with ``kvserve.structured.check_grammar``)."""
+        asked = []
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            asked.append(("response_format", _response_format(self.response_format)))
+        if self.structured_outputs is not None:
+            asked.append(("structured_outputs", _structured_outputs(self.structured_outputs)))
+        if len(asked) > 1:
+            raise ValueError("give response_format or structured_outputs, not both")
+        return asked[0] if asked else None
+
     def unsupported_field(self) -> str | None:
         """The first field this request uses that kvserve does not honour, if any."""
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format"
         if self.tools:
             return "tools"
         if self.tool_choice not in (None, "none"):
@@ -124,8 +137,7 @@ class SamplingRequest(_Request):
         if self.modalities not in (None, ["text"]):
             return "modalities"
         for name in ("functions", "function_call", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs",
-                     "audio", "prediction"):
+                     "guided_choice", "guided_grammar", "prompt_logprobs", "audio", "prediction"):
             if getattr(self, name) is not None:
                 return name
         return None
@@ -133,6 +145,38 @@ class SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+def _response_format(value: dict[str, Any]) -> tuple[str, str]:
+    kind = value.get("type")
+    if kind == "json_object":
+        return ("json_object", "")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError('json_schema must be {"name": ..., "schema": {...}}')
+        return ("json_schema", json.dumps(spec["schema"]))
+    raise ValueError(f"type must be text, json_object or json_schema, got {kind!r}")
+
+
+_STRUCTURED_KEYS = {"json": "json_schema", "json_object": "json_object", "regex": "regex",
+                    "choice": "choice", "grammar": "grammar"}
+
+
+def _structured_outputs(value: Any) -> tuple[str, str]:
+    keys = [k for k in _STRUCTURED_KEYS if isinstance(value, dict) and value.get(k) is not None]
+    if len(keys) != 1:
+        raise ValueError(f"must be an object with exactly one of {sorted(_STRUCTURED_KEYS)}")
+    key, spec = keys[0], value[keys[0]]
+    if key == "json":
+        spec = spec if isinstance(spec, str) else json.dumps(spec)
+    elif key == "json_object":
+        spec = ""
+    elif key == "choice":
+        spec = json.dumps(spec)
+    elif not isinstance(spec, str):
+        raise ValueError(f"{key} must be a string")
+    return (_STRUCTURED_KEYS[key], spec)
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -34,6 +34,7 @@ from kvserve.server.errors import (
 from kvserve.server.protocol import PromptTokensDetails, SamplingRequest, Usage
 from kvserve.server.request_log import log_finished
 from kvserve.server.streams import ChoiceRequest, ChoiceStreams
+from kvserve.structured import check_grammar
 
 logger = logging.getLogger("kvserve.server")
 
@@ -112,6 +113,7 @@ def choice_requests(
     with ``seed + j``, so the choices differ but a repeated request gives the same ones.
     """
     refuse_unsupported(body)
+    structured = checked_structured(body)
     requested = getattr(body, max_tokens_param)
     requests = []
     for i, prompt in enumerate(prompts):
@@ -125,7 +127,8 @@ def choice_requests(
                     request_id=f"{response_id}-{index}",
                     prompt_token_ids=prompt.token_ids,
                     prompt=prompt.text,
-                    params=sampling_params(body, max_tokens, j, logprobs, max_tokens_param),
+                    params=sampling_params(body, max_tokens, j, logprobs, max_tokens_param,
+                                           structured),
                 )
             )
     try:
@@ -142,6 +145,26 @@ def refuse_unsupported(body: SamplingRequest) -> None:
         raise invalid_request(
             f"{unsupported} is not supported by this server yet: remove it, or see the README "
             "for what kvserve honours", param=unsupported)
+
+
+def checked_structured(body: SamplingRequest) -> tuple[str, str] | None:
+    """The request's grammar, checked: 400 naming the field and the problem if it is
+    malformed or its schema, regex or grammar is invalid."""
+    try:
+        asked = body.structured()
+    except ValueError as error:
+        param = "response_format" if body.response_format is not None else "structured_outputs"
+        raise invalid_request(f"{param}: {error}", param=param) from None
+    if asked is None:
+        return None
+    param, (kind, spec) = asked
+    if body.ignore_eos:
+        raise invalid_request(f"{param} cannot be combined with ignore_eos", param=param)
+    try:
+        check_grammar(kind, spec)
+    except ValueError as error:
+        raise invalid_request(f"{param}: invalid {kind}: {error}", param=param) from None
+    return (kind, spec)
 
 
 def _max_tokens(
@@ -166,6 +189,7 @@ def sampling_params(
     choice: int,
     logprobs: int | None,
     max_tokens_param: str,
+    structured: tuple[str, str] | None = None,
 ) -> SamplingParams:
     stop = body.stop if body.stop is not None else ()
     try:
@@ -182,6 +206,7 @@ def sampling_params(
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
+            structured=structured,
         )
     except ValueError as error:
         raise from_sampling_error(error, max_tokens_param) from None

@@ -18,6 +18,7 @@ from kvserve.model.llama import LlamaForCausalLM
 from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
 from kvserve.worker.decode_inputs import DecodeStep, TokenFill
+from kvserve.worker.grammar import Grammars
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.prefill_graphs import PrefillGraphs
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
@@ -46,9 +47,11 @@ class PendingOutput:
         rows: list[SamplingRow],
         sampled: SamplerOutput | None,
         logits: dict[str, torch.Tensor],
+        grammars: Grammars | None = None,
     ) -> None:
         self.rows = rows
         self.logits = logits
+        self._grammars = grammars  # advanced by each structured request's token
         self._event: torch.cuda.Event | None = None
         self._host = sampled
         if sampled is not None and sampled.token_ids.is_cuda:
@@ -64,7 +67,13 @@ class PendingOutput:
             return ModelRunnerOutput()
         if self._event is not None:
             self._event.synchronize()
-        return ModelRunnerOutput(_to_sampled_tokens(self._host, self.rows), self.logits)
+        sampled = _to_sampled_tokens(self._host, self.rows)
+        if self._grammars is not None:
+            for request_id, params, _, _ in self.rows:
+                if params.structured:
+                    self._grammars.accept(request_id, sampled[request_id].token_id)
+            self._grammars = None  # once
+        return ModelRunnerOutput(sampled, self.logits)
 
 
 def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
@@ -89,6 +98,7 @@ class ModelRunner:
         decode_step: DecodeStep | None = None,
         kv_connector: KVConnector | None = None,
         prefill_graphs: PrefillGraphs | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -98,6 +108,7 @@ class ModelRunner:
         self.decode_step = decode_step  # CUDA graphs (GPU) or a compiled step (CPU)
         self.kv_connector = kv_connector  # a prefill engine's KV saver (kvserve.disagg)
         self.prefill_graphs = prefill_graphs  # small steps that are not all decodes (GPU)
+        self.grammars = grammars  # structured outputs: compiled grammars, one matcher a request
         self._generators: dict[str, torch.Generator] = {}
         # The last launched step's sampled token ids (device) and each request's row in them.
         self._last_token_ids: torch.Tensor | None = None
@@ -116,7 +127,7 @@ class ModelRunner:
     ) -> PendingOutput:
         """Run one step up to its sampled tokens, without waiting for them on a GPU."""
         for request_id in step.finished_ids:
-            self._generators.pop(request_id, None)
+            self.drop_request(request_id)
         if step.is_empty:
             return PendingOutput([], None, {})
         hidden = self._forward(step.scheduled)
@@ -133,10 +144,25 @@ class ModelRunner:
         }
         rows = [(s.request_id, s.sampling_params, s.output_token_ids, s.num_generated)
                 for s in sampling]
-        sampled = self._sample(logits, rows)
+        grammar_ids = [s.request_id for s in sampling if s.sampling_params.structured]
+        sampled = self._sample(logits, rows, self._grammar_rows(sampling))
         self._last_token_ids = sampled.token_ids
         self._last_rows = {s.request_id: row for row, s in enumerate(sampling)}
-        return PendingOutput(rows, sampled, captured)
+        return PendingOutput(rows, sampled, captured, self.grammars if grammar_ids else None)
+
+    def _grammar_rows(self, sampling: list[ScheduledRequest]) -> tuple[list[int], list[str]]:
+        """The rows of a structured request, and their request ids (matchers started here)."""
+        rows = [row for row, s in enumerate(sampling) if s.sampling_params.structured]
+        if not rows:
+            return [], []
+        if self.grammars is None:
+            raise RuntimeError("a structured request reached an engine without grammars")
+        ids = [sampling[row].request_id for row in rows]
+        for row, request_id in zip(rows, ids, strict=True):
+            if not self.grammars.has(request_id):  # compiled before it was scheduled
+                kind, spec = sampling[row].sampling_params.structured
+                self.grammars.start(request_id, self.grammars.compile(kind, spec).result())
+        return rows, ids
 
     def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         fill = self._token_fill(scheduled)
@@ -232,12 +258,20 @@ class ModelRunner:
         request's own generator and constraints, and read them back."""
         return _to_sampled_tokens(self._sample(logits, rows), rows)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        grammar_rows: tuple[list[int], list[str]] = ([], []),
+    ) -> SamplerOutput:
+        indices, request_ids = grammar_rows
         batch = SamplingBatch(
             params=[params for _, params, _, _ in rows],
             output_token_ids=[output for _, _, output, _ in rows],
             generators=[self._generator(rid, params) for rid, params, _, _ in rows],
             suppress_token_ids=[self._suppressed(params, n) for _, params, _, n in rows],
+            grammar_rows=indices,
+            token_bitmask=self.grammars.bitmask(request_ids) if request_ids else None,
         )
         return sample(logits, batch)
 
@@ -257,6 +291,8 @@ class ModelRunner:
 
     def drop_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        if self.grammars is not None:
+            self.grammars.drop(request_id)
 
 
 def generated_rows(scheduled: list[ScheduledRequest]) -> list[int]:

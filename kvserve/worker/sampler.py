@@ -4,7 +4,8 @@ Order of operations (vLLM/OpenAI semantics):
 1. log-probabilities of the raw logits (only when some request asked for them);
 2. presence/frequency penalties over the tokens generated so far (not the prompt), and each
    request's ``logit_bias``;
-3. suppressed token ids (min_tokens / EOS suppression) set to ``-inf``;
+3. suppressed token ids (min_tokens / EOS suppression) and tokens a request's grammar refuses
+   (structured outputs) set to ``-inf``;
 4. greedy rows take the argmax; sampled rows divide by temperature, apply top-k, top-p and
    min-p, then draw one token by inverting the CDF at a uniform ``u``.
 
@@ -42,6 +43,10 @@ class SamplingBatch:
     output_token_ids: list[list[int]]
     generators: list[torch.Generator | None]
     suppress_token_ids: list[set[int] | None] = field(default_factory=list)
+    # Structured outputs: rows with a grammar and their allowed tokens as bits (xgrammar's
+    # layout: [len(grammar_rows), ceil(vocab / 32)] int32, bit t of word t // 32)
+    grammar_rows: list[int] = field(default_factory=list)
+    token_bitmask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         num_reqs = len(self.params)
@@ -83,6 +88,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     processed = apply_penalties(logits, batch.params, batch.output_token_ids)
     processed = apply_logit_bias(processed, batch.params)
     processed = apply_suppression(processed, batch.suppress_token_ids)
+    if batch.token_bitmask is not None and batch.grammar_rows:
+        processed = apply_token_bitmask(processed, batch.token_bitmask, batch.grammar_rows)
 
     token_ids = _choose_tokens(processed, batch)  # [num_reqs]
     if raw_logprobs is None:
@@ -162,6 +169,20 @@ def apply_suppression(logits: torch.Tensor,
     out = logits.clone()
     out[to_device(rows, torch.int64, logits.device),
         to_device(cols, torch.int64, logits.device)] = float("-inf")
+    return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        rows: list[int]) -> torch.Tensor:
+    """``-inf`` for the tokens whose bit is clear in ``bitmask`` (one row per entry of
+    ``rows``); a new tensor, ``logits`` is not modified."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1  # [n, words, 32]
+    allowed = bits.flatten(1)[:, :vocab_size].bool()  # [n, vocab]
+    index = to_device(rows, torch.int64, logits.device)
+    out = logits.clone()
+    out[index] = out[index].masked_fill(~allowed, float("-inf"))
     return out
 
 

@@ -209,7 +209,7 @@ def test_bad_input_gets_a_clear_error_and_leaks_nothing(disaggregated) -> None:
         ({"prompt": [5, 6, 10**9], "max_tokens": 4}, "outside the vocabulary"),
         ({"prompt": [5, 6], "max_tokens": -1}, "max_tokens"),
         ({"prompt": [5, 6], "response_format": {"type": "json_object"}},
-         "response_format is not supported by this server yet"),
+         "response_format is not supported through the router yet"),
         ({"prompt": [5, 6], "logit_bias": {"x": 1}}, "keys must be token ids"),
         ({"prompt": [5, 6], "logit_bias": {str(10**9): 1}}, "outside the vocabulary"),
     ]

@@ -38,7 +38,8 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
 
 PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, seed=11, stop=("\n\n",),
-                        stop_token_ids=(5,), logprobs=2, logit_bias={3: -100, 9: 2.5})
+                        stop_token_ids=(5,), logprobs=2, logit_bias={3: -100, 9: 2.5},
+                        structured=("json_schema", "{\"type\": \"object\"}"))
 STATS = {"num_running": 1, "kv_usage": 0.25}
 
 TO_CORE = [
