@@ -239,9 +239,10 @@ def check_like_a_server(body: dict[str, Any], chat: bool) -> SamplingRequest:
     except ValidationError as error:
         raise from_validation_error(error) from None
     refuse_unsupported(parsed)
-    for field in ("response_format", "structured_outputs"):
-        value = getattr(parsed, field)
-        if value is not None and not (field == "response_format" and value.get("type") == "text"):
+    for field in ("response_format", "structured_outputs", "tool_choice"):
+        value = getattr(parsed, field, None)
+        if value is not None and value not in ("none", "auto") and not (
+                field == "response_format" and value.get("type") == "text"):
             raise invalid_request(f"{field} is not supported through the router yet (the prefill "
                                   "engine samples the first token without the grammar)",
                                   param=field)

@@ -78,12 +78,16 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template.
 
         A message's ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts,
-        whose texts are joined with newlines.
+        whose texts are joined with newlines. ``tools`` (OpenAI's shape) reach the template,
+        which renders them if it knows how.
         """
         if not self.has_chat_template:
             raise ValueError(
@@ -97,6 +101,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=True,
                 return_dict=False,
+                tools=tools,
             )
         )
 

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from jinja2 import TemplateError
 
 from kvserve.engine.output_processor import StreamDelta
-from kvserve.outputs import TokenLogprob
+from kvserve.outputs import RequestOutput, TokenLogprob
 from kvserve.server import sse
 from kvserve.server.errors import invalid_request
 from kvserve.server.protocol import (
@@ -42,6 +42,7 @@ from kvserve.server.serving import (
     usage,
 )
 from kvserve.server.streams import ChoiceStreams
+from kvserve.server.tools import calls_as_text, tool_calls
 
 
 async def create_chat_completion(
@@ -51,8 +52,9 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     messages = [message.to_template() for message in body.messages]
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     try:
-        prompt_ids = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt_ids = _render(ctx, messages, tools)
     except (ValueError, TemplateError) as error:
         raise invalid_request(f"messages: {error}", param="messages") from None
     prompts = [PromptInput(prompt_ids, None)]
@@ -70,9 +72,9 @@ async def create_chat_completion(
     choices = [
         ChatChoice(
             index=index,
-            message=AssistantMessage(content=output.text),
+            message=_message(body, output.text),
             logprobs=_logprobs(output.logprobs) if body.logprobs else None,
-            finish_reason=finish_reason(output),
+            finish_reason=_finish_reason(body, output),
         )
         for index, output in sorted(outputs.items())
     ]
@@ -104,17 +106,56 @@ async def _chunks(
 
     for index in range(body.n):
         yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
+    forced = body.forced_tool_choice
     async for index, delta in streams:
         logprobs = _delta_logprobs(delta) if body.logprobs else None
-        if delta.text or logprobs:
+        if forced is None and (delta.text or logprobs):
             yield chunk(
                 [ChatChunkChoice(index=index, delta={"content": delta.text}, logprobs=logprobs)]
             )
         if delta.finished:
-            reason = finish_reason(delta.output)
+            if forced is not None:  # the call, whole, once its arguments are complete
+                message = _message(body, delta.output.text)
+                if message.tool_calls:
+                    calls = [{"index": i, **call} for i, call in enumerate(message.tool_calls)]
+                    yield chunk([ChatChunkChoice(index=index, delta={"tool_calls": calls})])
+                else:
+                    yield chunk([ChatChunkChoice(index=index,
+                                                 delta={"content": delta.output.text})])
+            reason = _finish_reason(body, delta.output)
             yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=reason)])
     if body.include_usage:
         yield chunk([], usage=usage(prompts, streams.outputs, body.n))
+
+
+def _render(ctx: ServerContext, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """The prompt's token ids. A template that knows no tool calls (it reads every message's
+    content as text) gets an assistant call written as Hermes-style ``<tool_call>`` text."""
+    try:
+        return ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tools=tools)
+    except TemplateError:
+        if not any(m.get("tool_calls") and m.get("content") is None for m in messages):
+            raise
+    as_text = [{**m, "content": calls_as_text(m["tool_calls"])}
+               if m.get("tool_calls") and m.get("content") is None else m for m in messages]
+    return ctx.tokenizer.apply_chat_template(as_text, add_generation_prompt=True, tools=tools)
+
+
+def _message(body: ChatCompletionRequest, text: str) -> AssistantMessage:
+    """The reply as OpenAI gives it: its text, or the tool call a forced choice made."""
+    forced = body.forced_tool_choice
+    calls = tool_calls(text, forced) if forced is not None else None
+    if calls:
+        return AssistantMessage(content=None, tool_calls=calls)
+    return AssistantMessage(content=text)
+
+
+def _finish_reason(body: ChatCompletionRequest, output: RequestOutput) -> str:
+    reason = finish_reason(output)
+    if reason == "stop" and _message(body, output.text).tool_calls:
+        return "tool_calls"
+    return reason
 
 
 def _delta_logprobs(delta: StreamDelta) -> ChatLogprobs | None:

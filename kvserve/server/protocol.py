@@ -10,14 +10,24 @@ silently ignored.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from kvserve.server.tools import tool_schema
 
 MAX_N = 16  # most choices per prompt
 MAX_TOP_LOGPROBS = 20  # as SamplingParams allows
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; larger biases are clamped to it
+
+
+class FieldError(ValueError):
+    """A ValueError about one request field, named by ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class _Request(BaseModel):
@@ -35,7 +45,7 @@ class TextPart(_Request):
 
 def _check_content(value: Any) -> Any:
     """One clear error for content that is neither a string nor a list of text parts."""
-    if isinstance(value, str):
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
         for part in value:
@@ -49,18 +59,67 @@ def _check_content(value: Any) -> Any:
     raise ValueError('must be a string or a list of {"type": "text", "text": "..."} parts')
 
 
-class ChatMessage(_Request):
-    """One message; ``developer`` is OpenAI's newer name for ``system``."""
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str | list[TextPart], BeforeValidator(_check_content)]
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Request):
+    """One message; ``developer`` is OpenAI's newer name for ``system``. An assistant message
+    may hold ``tool_calls`` (and no content); a ``tool`` message answers one by its id."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str | list[TextPart] | None, BeforeValidator(_check_content)]
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def to_template(self) -> dict[str, Any]:
         """The message as the tokenizer's chat template takes it."""
         role = "system" if self.role == "developer" else self.role
-        if isinstance(self.content, str):
-            return {"role": role, "content": self.content}
-        return {"role": role, "content": [part.model_dump() for part in self.content]}
+        out: dict[str, Any] = {"role": role, "content": self.content}
+        if isinstance(self.content, list):
+            out["content"] = [part.model_dump() for part in self.content]
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as templates take them: the parsed object (the text if not JSON)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class ToolFunction(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class SamplingRequest(_Request):
@@ -81,6 +140,7 @@ class SamplingRequest(_Request):
     top_k: int | None = None  # extension: -1 or 0 disables
     min_p: float | None = None  # extension
     ignore_eos: bool = False  # extension
+    honours_tools: ClassVar[bool] = False  # chat does (a forced call), completions not
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     # Known but not honoured yet: a request that uses one is refused (unsupported_field).
     response_format: dict[str, Any] | None = None
@@ -128,10 +188,11 @@ class SamplingRequest(_Request):
 
     def unsupported_field(self) -> str | None:
         """The first field this request uses that kvserve does not honour, if any."""
-        if self.tools:
-            return "tools"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice"
+        if not self.honours_tools:
+            if self.tools:
+                return "tools"
+            if self.tool_choice not in (None, "none"):
+                return "tool_choice"
         if self.best_of not in (None, 1):
             return "best_of"
         if self.modalities not in (None, ["text"]):
@@ -184,6 +245,41 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None  # type: ignore[assignment]
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    honours_tools: ClassVar[bool] = True
+
+    @property
+    def forced_tool_choice(self) -> Any:
+        """``required`` or the named choice (as a dict) when a call is forced, else None."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice
+
+    def structured(self) -> tuple[str, tuple[str, str]] | None:
+        forced = self.forced_tool_choice
+        if forced is None:
+            return super().structured()
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise FieldError("response_format", "give tool_choice or response_format, not both")
+        if self.structured_outputs is not None:
+            raise FieldError("structured_outputs",
+                             "give tool_choice or structured_outputs, not both")
+        tools = [tool.model_dump() for tool in self.tools or []]
+        try:
+            schema = tool_schema(tools, forced)
+        except ValueError as error:
+            raise FieldError("tool_choice", str(error)) from None
+        return ("tool_choice", ("json_schema", json.dumps(schema)))
+
+    def unsupported_field(self) -> str | None:
+        if self.tools and self.tool_choice in (None, "auto"):
+            return "tool_choice"  # auto: the model's own call format, parsed (not yet)
+        if self.tool_choice not in (None, "none") and not self.tools:
+            return "tool_choice"
+        return super().unsupported_field()
 
 
 def _check_prompt(value: Any) -> Any:
@@ -249,7 +345,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -270,7 +367,7 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": "assistant", "content": ""}, {"content": ...} or {}
+    delta: dict[str, Any]  # {"role": "assistant", "content": ""}, {"content": ...}, {"tool_calls"}
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

@@ -153,7 +153,8 @@ def checked_structured(body: SamplingRequest) -> tuple[str, str] | None:
     try:
         asked = body.structured()
     except ValueError as error:
-        param = "response_format" if body.response_format is not None else "structured_outputs"
+        param = getattr(error, "param", None) or (
+            "response_format" if body.response_format is not None else "structured_outputs")
         raise invalid_request(f"{param}: {error}", param=param) from None
     if asked is None:
         return None

@@ -23,6 +23,7 @@ from kvserve.attention.backend import AttentionBackend
 from kvserve.attention.metadata import AttentionMetadata
 from kvserve.model.llama import KVCaches, LlamaForCausalLM
 from kvserve.worker.decode_inputs import TokenFill, decode_inputs
+from kvserve.worker.graph_capture import capture_graphs
 
 logger = logging.getLogger("kvserve")
 
@@ -82,16 +83,7 @@ class DecodeGraphs:
         """Capture every bucket, largest first, sharing one memory pool."""
         start = time.perf_counter()
         self._rows[3].fill_(1)  # warm-up rows attend to one (harmless) slot and store nothing
-        pool = None
-        for size in reversed(self.sizes):
-            for _ in range(2):  # compile kernels, let cuBLAS pick algorithms
-                self._forward(size)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[size] = self._forward(size)
-            pool = graph.pool()
-            self._graphs[size] = graph
+        self._graphs, self._outputs = capture_graphs(self.sizes, self._forward, self.device)
         self._rows[3].zero_()
         torch.cuda.synchronize(self.device)
         logger.info(

@@ -25,6 +25,7 @@ from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kernels.paged_attention import PREFILL_BLOCK_M, prefill_tiles
 from kvserve.model.llama import KVCaches, LlamaForCausalLM
 from kvserve.worker.decode_inputs import TokenFill
+from kvserve.worker.graph_capture import capture_graphs
 
 logger = logging.getLogger("kvserve")
 
@@ -95,17 +96,7 @@ class PrefillGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         self._pad()
-        pool = None
-        for size in reversed(self.sizes):
-            for _ in range(2):
-                self._forward(size)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[size] = self._forward(size)
-            pool = graph.pool()
-            self._graphs[size] = graph
-        torch.cuda.synchronize(self.device)
+        self._graphs, self._outputs = capture_graphs(self.sizes, self._forward, self.device)
         logger.info(
             "captured CUDA graphs for small prefill steps of %s tokens (up to %d requests) in "
             "%.1f s", ",".join(map(str, self.sizes)), self.max_reqs, time.perf_counter() - start,
