@@ -134,12 +134,10 @@ class EngineCore:
         """Queue ``request``; ValueError for a prompt that cannot run or an id in use."""
         self.validate_prompt(request.prompt_token_ids)
         validate_params(request.sampling_params, self.vocab_size)
-        if request.request_id in self.scheduler.requests:
+        if request.request_id in self.scheduler.requests or request.request_id in self._compiling:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         structured = request.sampling_params.structured
         if structured is not None:
-            if request.request_id in self._compiling:
-                raise ValueError(f"request id {request.request_id!r} is already in use")
             if self.runner.grammars is None:
                 raise ValueError("structured outputs need an engine with grammars")
             self.scheduler.check_fits(request.num_prompt_tokens)

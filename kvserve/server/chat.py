@@ -69,15 +69,15 @@ async def create_chat_completion(
     if body.stream:
         return event_stream(streams, _chunks(ctx, body, streams, response_id, prompts))
     outputs = await run_to_completion(request, streams)
-    choices = [
-        ChatChoice(
+    choices = []
+    for index, output in sorted(outputs.items()):
+        message = _message(body, output.text)
+        choices.append(ChatChoice(
             index=index,
-            message=_message(body, output.text),
+            message=message,
             logprobs=_logprobs(output.logprobs) if body.logprobs else None,
-            finish_reason=_finish_reason(body, output),
-        )
-        for index, output in sorted(outputs.items())
-    ]
+            finish_reason=_finish_reason(output, message),
+        ))
     completion = ChatCompletion(
         id=response_id,
         created=unix_time(),
@@ -114,15 +114,15 @@ async def _chunks(
                 [ChatChunkChoice(index=index, delta={"content": delta.text}, logprobs=logprobs)]
             )
         if delta.finished:
+            message = _message(body, delta.output.text)
             if forced is not None:  # the call, whole, once its arguments are complete
-                message = _message(body, delta.output.text)
                 if message.tool_calls:
                     calls = [{"index": i, **call} for i, call in enumerate(message.tool_calls)]
                     yield chunk([ChatChunkChoice(index=index, delta={"tool_calls": calls})])
                 else:
                     yield chunk([ChatChunkChoice(index=index,
                                                  delta={"content": delta.output.text})])
-            reason = _finish_reason(body, delta.output)
+            reason = _finish_reason(delta.output, message)
             yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=reason)])
     if body.include_usage:
         yield chunk([], usage=usage(prompts, streams.outputs, body.n))
@@ -151,9 +151,9 @@ def _message(body: ChatCompletionRequest, text: str) -> AssistantMessage:
     return AssistantMessage(content=text)
 
 
-def _finish_reason(body: ChatCompletionRequest, output: RequestOutput) -> str:
+def _finish_reason(output: RequestOutput, message: AssistantMessage) -> str:
     reason = finish_reason(output)
-    if reason == "stop" and _message(body, output.text).tool_calls:
+    if reason == "stop" and message.tool_calls:
         return "tool_calls"
     return reason
 

@@ -144,11 +144,12 @@ class ModelRunner:
         }
         rows = [(s.request_id, s.sampling_params, s.output_token_ids, s.num_generated)
                 for s in sampling]
-        grammar_ids = [s.request_id for s in sampling if s.sampling_params.structured]
-        sampled = self._sample(logits, rows, self._grammar_rows(sampling))
+        grammar_rows = self._grammar_rows(sampling)
+        sampled = self._sample(logits, rows, grammar_rows)
         self._last_token_ids = sampled.token_ids
         self._last_rows = {s.request_id: row for row, s in enumerate(sampling)}
-        return PendingOutput(rows, sampled, captured, self.grammars if grammar_ids else None)
+        return PendingOutput(rows, sampled, captured,
+                             self.grammars if grammar_rows[0] else None)
 
     def _grammar_rows(self, sampling: list[ScheduledRequest]) -> tuple[list[int], list[str]]:
         """The rows of a structured request, and their request ids (matchers started here)."""
