@@ -7,14 +7,17 @@ import logging
 
 logger = logging.getLogger("kvserve")
 
+UVICORN_EXTRA_GRACE_S = 5
+
 
 def add_router_parser(commands: argparse._SubParsersAction) -> None:
     router = commands.add_parser(
         "router",
-        help="serve OpenAI's /v1/completions through prefill and decode engines",
+        help="serve OpenAI's API through prefill and decode engines",
         description="Send each request to a decode engine (to reserve blocks), a prefill "
-        "engine (to compute and stream the KV layer by layer), then stream the decode "
-        "engine's tokens. Engines are `kvserve serve --role prefill|decode` servers.",
+        "engine (to compute and stream the KV layer by layer, and sample the first token), "
+        "then stream the decode engine's tokens. The API is `kvserve serve`'s, answered "
+        "alike. Engines are `kvserve serve --role prefill|decode` servers.",
     )
     router.add_argument("--prefill", nargs="+", required=True, metavar="URL",
                         help="base URLs of prefill engines, e.g. http://127.0.0.1:8100")
@@ -26,20 +29,34 @@ def add_router_parser(commands: argparse._SubParsersAction) -> None:
     router.add_argument("--served-model-name", default=None, help="the name clients see")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
+    router.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every /v1 route")
+    router.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM")
 
 
 def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kvserve.disagg.router import Router, build_router_app
+    from kvserve.cli.graceful_server import GracefulServer
+    from kvserve.disagg.router import Router
+    from kvserve.disagg.router_app import build_router_app
     from kvserve.model.embedded import EMBEDDED_NAME
     from kvserve.model.source import resolve_model_source
     from kvserve.model.tokenizer import load_tokenizer
+    from kvserve.server.app import begin_drain
 
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     tokenizer = load_tokenizer(resolve_model_source(args.model))
     name = args.served_model_name or args.model or EMBEDDED_NAME
-    app = build_router_app(Router(args.prefill, args.decode), tokenizer, name)
+    app = build_router_app(Router(args.prefill, args.decode), tokenizer, name,
+                           api_key=args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                            timeout_graceful_shutdown=int(args.shutdown_timeout)
+                            + UVICORN_EXTRA_GRACE_S)
+    server = GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
     logger.info("routing %s on http://%s:%d/v1: prefill %s, decode %s", name, args.host,
                 args.port, args.prefill, args.decode)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
-    return 0
+    server.run()
+    return 0 if server.started else 1

@@ -154,9 +154,10 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 def _add_role(app: FastAPI, kv_role: KVRole) -> None:
     """The role's internal /kv routes (kvserve.disagg.roles) and its transfer metrics."""
     from kvserve.disagg.metrics import KVTransferCollector, KVTransferStats
-    from kvserve.disagg.roles import add_decode_routes, add_prefill_routes
+    from kvserve.disagg.roles import add_decode_routes, add_info_route, add_prefill_routes
 
     async_engine = app.state.ctx.engine
+    add_info_route(app, async_engine, kv_role.role)
     stats = KVTransferStats()
     if kv_role.role == "prefill":
         add_prefill_routes(app, async_engine, stats)

@@ -34,12 +34,15 @@ from kvserve.worker.kv_cache import PagedKVCache
 
 def first_token_params(params: SamplingParams) -> SamplingParams:
     """What the prefill engine samples the first token with: the request's own sampling
-    (logit_bias, and min_tokens' ban on EOS and stop ids, included), one token, end-of-sequence
-    not checked (the decode engine decides when the request ends)."""
+    (logit_bias, its grammar, logprobs, and min_tokens' ban on EOS and stop ids, included), one
+    token (an end-of-sequence one ends the request on both engines alike). A
+    seeded request draws its first value from its generator here; the decode engine's
+    generator skips that draw, so the tokens equal a colocated engine's."""
     return SamplingParams(max_tokens=1, temperature=params.temperature, top_k=params.top_k,
                           top_p=params.top_p, min_p=params.min_p, seed=params.seed,
-                          ignore_eos=True, stop_token_ids=params.stop_token_ids,
-                          min_tokens=min(params.min_tokens, 1), logit_bias=params.logit_bias)
+                          ignore_eos=params.ignore_eos, stop_token_ids=params.stop_token_ids,
+                          min_tokens=min(params.min_tokens, 1), logit_bias=params.logit_bias,
+                          logprobs=params.logprobs, structured=params.structured)
 
 
 @dataclass

@@ -38,7 +38,6 @@ from kvserve.engine.messages import (
     ReservedKV,
     ReserveKV,
 )
-from kvserve.step_output import SampledToken
 
 TRANSFER_TIMEOUT_S = 30.0
 RESERVATION_LEASE_S = 60.0
@@ -148,7 +147,7 @@ class PrefillOps(_PendingCalls):
             return CallResult(call_id, error=f"the KV transfer to the decode engine failed: "
                               f"{error}", error_kind="failed")
         if flushed:
-            first = request.output_token_ids[0]
+            first = self.core.first_token_of_held(request)
             return CallResult(call_id, PrefilledKV(first, self.saver.sent_bytes))
         if now - pending.finished > TRANSFER_TIMEOUT_S:
             return CallResult(call_id, error="the decode engine did not take the KV within "
@@ -219,7 +218,7 @@ class DecodeOps(_PendingCalls):
             return CallResult(call_id, error=f"reservation {transfer_id!r} was cancelled",
                               error_kind="failed")
         if self.loader.is_complete(transfer_id):
-            self.loader.admit(transfer_id, SampledToken(pending.op.first_token_id))
+            self.loader.admit(transfer_id, pending.op.first_token)
             reserved = self._reserved_at.pop(transfer_id, pending.asked)
             return CallResult(call_id, AdmittedKV(now - pending.asked, now - reserved,
                                                   self.loader.received_bytes))

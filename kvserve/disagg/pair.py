@@ -29,6 +29,7 @@ from kvserve.engine.messages import (
 )
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.step_output import SampledToken
 
 DECODE_RANK = 1  # the pair's one decode engine (the in-process transport ignores ranks)
 
@@ -78,13 +79,13 @@ class DisaggregatedPair:
 
     def _prefill_and_send(
         self, prompt_ids: list[int], params: SamplingParams, reserved: ReservedKV
-    ) -> int:
+    ) -> SampledToken:
         """The first token, once the prompt's KV has been computed and sent."""
         op = PrefillAndSend(prompt_ids, params, reserved.transfer_id, reserved.num_tokens,
                             reserved.skip_tokens, DECODE_RANK)
         done = run_op(self.prefill_ops, op, wait=self.prefill.engine.step)
         assert isinstance(done, PrefilledKV)
-        return done.first_token_id
+        return done.first_token
 
     def close(self) -> None:
         self.transport.close()

@@ -7,8 +7,9 @@ The router drives a request through them in three calls:
    streams every layer's K/V to the decode rank as each layer finishes, waits until all of it
    has been sent, frees its blocks and answers with the first token it sampled.
 3. ``POST /kv/continue`` on the decode engine, with the first token: once every layer has
-   arrived it admits the request and streams its tokens as JSON lines (``token_ids``, ``text``,
-   ``finished``, ``finish_reason``), which the router turns into OpenAI responses.
+   arrived it admits the request and streams its deltas as JSON lines (``disagg.wire``: token
+   ids, text, logprobs, finish reason), which the router turns into OpenAI responses.
+``GET /kv/info`` tells the router the model's limits (``max_model_len``, ``vocab_size``).
 These routes run in the front end: each sends a typed operation to the engine core
 (``engine.messages``: ReserveKV, PrefillAndSend, AdmitWithKV, CancelKV, GetKVBytes), which does
 the work next to its KV cache (``disagg.core_ops``). A plan the decode engine never receives in
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kvserve.disagg.core_ops import RESERVATION_LEASE_S
 from kvserve.disagg.metrics import KVTransferStats
 from kvserve.disagg.transfer import TransferPlan
+from kvserve.disagg.wire import delta_json, sampled_token_from, sampled_token_json
 from kvserve.engine.async_engine import AsyncEngine, CallFailedError
 from kvserve.engine.messages import (
     AdmittedKV,
@@ -46,6 +48,15 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.server.errors import APIError, invalid_request
 
 _STATUS_OF_KIND = {"invalid": 400, "timeout": 504, "failed": 502}
+
+
+def add_info_route(app: FastAPI, engine: AsyncEngine, role: str) -> None:
+    """``GET /kv/info``: the limits the router validates requests against, as this engine."""
+
+    @app.get("/kv/info")
+    async def info() -> JSONResponse:
+        return JSONResponse({"role": role, "max_model_len": engine.max_model_len,
+                             "vocab_size": engine.vocab_size})
 
 
 def sampling_from(body: dict[str, Any]) -> SamplingParams:
@@ -117,13 +128,16 @@ def add_decode_routes(
     @router.post("/continue")
     async def continue_(body: dict[str, Any]) -> Any:
         transfer_id = str_field(body, "transfer_id")
-        first_token_id = int_field(body, "first_token_id")
+        try:
+            first_token = sampled_token_from(body.get("first_token"))
+        except ValueError as error:
+            raise invalid_request(str(error), param="first_token") from None
         if transfer_id not in reserved:
             raise APIError(404, f"no reservation {transfer_id!r}", param="transfer_id")
         prompt_ids, params, _ = reserved.pop(transfer_id)
         try:
             admitted, deltas = await engine.admit_with_kv(
-                AdmitWithKV(transfer_id, first_token_id), prompt_ids, params
+                AdmitWithKV(transfer_id, first_token), prompt_ids, params
             )
         except CallFailedError as error:
             stats.add(failures=1)
@@ -156,10 +170,7 @@ def add_decode_routes(
 
 async def _json_lines(deltas: AsyncIterator) -> AsyncIterator[bytes]:
     async for delta in deltas:
-        output = delta.output
-        line = {"token_ids": delta.token_ids, "text": delta.text, "finished": delta.finished,
-                "finish_reason": output.finish_reason if delta.finished else None}
-        yield (json.dumps(line) + "\n").encode()
+        yield (json.dumps(delta_json(delta)) + "\n").encode()
 
 
 def add_prefill_routes(app: FastAPI, engine: AsyncEngine, stats: KVTransferStats) -> None:
@@ -192,7 +203,7 @@ def add_prefill_routes(app: FastAPI, engine: AsyncEngine, stats: KVTransferStats
         assert isinstance(done, PrefilledKV)
         stats.bytes_sent = done.sent_bytes
         stats.add(transfers=1, seconds=time.monotonic() - started)
-        return JSONResponse({"first_token_id": done.first_token_id})
+        return JSONResponse({"first_token": sampled_token_json(done.first_token)})
 
     @router.get("/stats")
     async def kv_stats() -> JSONResponse:

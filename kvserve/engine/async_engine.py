@@ -203,6 +203,10 @@ class AsyncEngine:
         async for delta in self._follow(request_id, stream):
             yield delta
 
+    async def admitted(self, request_ids: list[str]) -> None:
+        """Nothing to wait for: ``generate`` queues a request (or raises) before its first
+        wait, so by the time its caller's task has yielded once it is admitted."""
+
     def abort(self, request_id: str) -> None:
         """Stop a request at the core's next step boundary and free its blocks (thread-safe;
         harmless for an unknown or finished request)."""

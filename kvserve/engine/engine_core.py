@@ -94,6 +94,7 @@ class EngineCore:
         self._capture_logits: set[str] = set()
         self.captured_logits: dict[str, list[torch.Tensor]] = {}
         self._first_token_times: dict[str, float] = {}
+        self._held_first_tokens: dict[str, SampledToken] = {}  # of held requests, logprobs kept
         self._queued: list[EngineOutput] = []  # outputs of named operations, sent with a step
         self.async_scheduling = async_scheduling
         self._in_flight: _InFlight | None = None  # launched, its tokens not read yet
@@ -301,6 +302,8 @@ class EngineCore:
     def _output(self, request: Request, token: SampledToken) -> EngineOutput:
         """The output of a token already appended to ``request``."""
         self._first_token_times.setdefault(request.request_id, time.perf_counter())
+        if request.hold_kv:
+            self._held_first_tokens.setdefault(request.request_id, token)
         if request.is_finished:
             self._capture_logits.discard(request.request_id)
             self._trace_finished(request)
@@ -346,7 +349,12 @@ class EngineCore:
         """Free the blocks of a held request (aborting it first if it still runs)."""
         if not request.is_finished:
             self.abort(request.request_id)
+        self._held_first_tokens.pop(request.request_id, None)
         self.scheduler.release_held(request)
+
+    def first_token_of_held(self, request: Request) -> SampledToken:
+        """The first token a held request sampled, with its logprobs if it asked for them."""
+        return self._held_first_tokens[request.request_id]
 
     def reserve(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -380,6 +388,8 @@ class EngineCore:
         token's output is handed out with the next ``step``."""
         request.num_computed_tokens = request.num_prompt_tokens
         self.scheduler.kv.register_computed_blocks(request)
+        if request.sampling_params.structured is not None and self.runner.grammars is not None:
+            self.runner.grammars.compile(*request.sampling_params.structured)  # warm its cache
         request.append_output_token(first_token.token_id)
         if request.is_finished:
             self.scheduler.kv.free(request)

@@ -95,19 +95,19 @@ class PrefillAndSend(msgspec.Struct, tag=True, frozen=True):
 
 
 class PrefilledKV(msgspec.Struct, tag=True, frozen=True):
-    first_token_id: int
+    first_token: SampledToken  # with its logprobs when the request asked for them
     sent_bytes: int  # every byte this engine has sent so far
 
 
 class AdmitWithKV(msgspec.Struct, tag=True, frozen=True):
     """Decode engine: once every layer of the reservation has arrived, add it as a request
     (its id is the transfer id) whose KV is already in the cache, continuing from
-    ``first_token_id``; its tokens then come in StepOutputs like any request's. Answered with
-    AdmittedKV, or an error of kind "timeout" if the KV does not arrive in time (the
-    reservation is then cancelled)."""
+    ``first_token`` (the prefill engine's, logprobs included); its tokens then come in
+    StepOutputs like any request's. Answered with AdmittedKV, or an error of kind "timeout"
+    if the KV does not arrive in time (the reservation is then cancelled)."""
 
     transfer_id: str
-    first_token_id: int
+    first_token: SampledToken
 
 
 class AdmittedKV(msgspec.Struct, tag=True, frozen=True):

@@ -24,7 +24,6 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from kvserve.engine.async_engine import AsyncEngine
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
@@ -36,18 +35,22 @@ from kvserve.server.errors import (
 )
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from kvserve.server.serving import ServerContext, json_response
+from kvserve.server.serving_engine import ServingEngine
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
 def build_app(
-    async_engine: AsyncEngine,
+    async_engine: ServingEngine,
     tokenizer: Tokenizer,
     model_name: str,
     api_key: str | None = None,
     metrics: Any = None,
+    health_details: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
-    """An app serving ``async_engine`` as ``model_name``; ``metrics`` is a ServerMetrics."""
+    """An app serving ``async_engine`` as ``model_name``; ``metrics`` is a ServerMetrics;
+    ``health_details`` adds fields to ``/health``'s answer (the router's engines that are
+    down)."""
     ctx = ServerContext(async_engine, tokenizer, model_name, api_key, metrics)
 
     @asynccontextmanager
@@ -69,7 +72,7 @@ def build_app(
         if ctx.draining or not async_engine.is_running:
             status = "shutting down" if ctx.draining else "engine stopped"
             return JSONResponse({"status": status}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **(health_details() if health_details else {})})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

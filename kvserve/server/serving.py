@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from kvserve.engine.async_engine import EngineDeadError, RequestFailedError
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
@@ -33,6 +33,7 @@ from kvserve.server.errors import (
 )
 from kvserve.server.protocol import PromptTokensDetails, SamplingRequest, Usage
 from kvserve.server.request_log import log_finished
+from kvserve.server.serving_engine import ServingEngine
 from kvserve.server.streams import ChoiceRequest, ChoiceStreams
 from kvserve.structured import check_grammar
 
@@ -50,7 +51,7 @@ def unix_time() -> int:
 class ServerContext:
     """What every endpoint needs: the engine, the tokenizer, the served name and the metrics."""
 
-    engine: AsyncEngine
+    engine: ServingEngine
     tokenizer: Tokenizer
     model_name: str
     api_key: str | None = None
@@ -274,6 +275,8 @@ def event_stream(streams: ChoiceStreams, events: AsyncIterator[bytes]) -> Stream
                 yield data
         except (RequestFailedError, EngineDeadError) as error:
             yield sse.event(engine_failure(error).body())
+        except APIError as error:  # the router's: an engine behind it failed
+            yield sse.event(error.body())
         except Exception:
             logger.exception("stream failed")
             yield sse.event(internal_error().body())

@@ -18,10 +18,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from kvserve.engine.async_engine import AsyncEngine
 from kvserve.engine.output_processor import StreamDelta
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.serving_engine import ServingEngine
 
 logger = logging.getLogger("kvserve.server")
 
@@ -52,7 +52,7 @@ class ChoiceStreams:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: ServingEngine,
         requests: list[ChoiceRequest],
         on_finished: FinishedCallback,
         shutting_down: Callable[[], bool] = lambda: False,
@@ -75,7 +75,9 @@ class ChoiceStreams:
         # One turn of the event loop runs every task up to its first wait: by then each request
         # is queued in the engine, or its task has ended and left the refusal in the queue
         # (no delta can arrive that fast: the engine thread has not even seen the requests).
+        # An engine that admits later (the router's, after the prefill) says when.
         await asyncio.sleep(0)
+        await self.engine.admitted([c.request.request_id for c in self._choices.values()])
         refused = [task for task in self._tasks if task.done()]
         if refused:
             self.close(report=False)

@@ -163,6 +163,8 @@ class ModelRunner:
             if not self.grammars.has(request_id):  # compiled before it was scheduled
                 kind, spec = sampling[row].sampling_params.structured
                 self.grammars.start(request_id, self.grammars.compile(kind, spec).result())
+                for token_id in sampling[row].output_token_ids:  # sampled elsewhere (disagg)
+                    self.grammars.accept(request_id, token_id)
         return rows, ids
 
     def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
@@ -269,19 +271,26 @@ class ModelRunner:
         batch = SamplingBatch(
             params=[params for _, params, _, _ in rows],
             output_token_ids=[output for _, _, output, _ in rows],
-            generators=[self._generator(rid, params) for rid, params, _, _ in rows],
+            generators=[self._generator(rid, params, n) for rid, params, _, n in rows],
             suppress_token_ids=[self._suppressed(params, n) for _, params, _, n in rows],
             grammar_rows=indices,
             token_bitmask=self.grammars.bitmask(request_ids) if request_ids else None,
         )
         return sample(logits, batch)
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+    def _generator(
+        self, request_id: str, params: SamplingParams, num_generated: int
+    ) -> torch.Generator | None:
+        """A seeded request's generator. Each sampled token draws one value from it, so one
+        made for a request that already has ``num_generated`` tokens (sampled by another
+        engine, as a prefill engine samples the first) skips that many draws first."""
         if params.seed is None or params.greedy:
             return None
         if request_id not in self._generators:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
+            for _ in range(num_generated):
+                torch.rand(1, generator=generator, device=generator.device)  # [1]
             self._generators[request_id] = generator
         return self._generators[request_id]
 

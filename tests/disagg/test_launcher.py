@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from kvserve.disagg.launcher import commands, engine_argv
-from tests.disagg.test_router_processes import wait_healthy
+from tests.disagg.router_set import wait_healthy
 from tests.server.server_process import ENGINE_ARGS, free_port
 
 

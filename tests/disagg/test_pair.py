@@ -4,6 +4,7 @@ travels while later layers compute, and no block is left held on either side."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -13,6 +14,12 @@ from kvserve.engine.llm import LLM
 from kvserve.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+# the first token is sampled by the prefill engine, the rest by the decode engine
+SEEDED = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True,
+                        logprobs=3)
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0}},
+          "required": ["name", "age"], "additionalProperties": False}
 
 
 OPTIONS = {"dtype": "float32", "quantization": "none", "enforce_eager": True,
@@ -101,4 +108,31 @@ def test_a_failed_prefill_gives_the_decode_blocks_back(pair, monkeypatch) -> Non
     monkeypatch.setattr(pair, "_prefill_and_send", fail)
     with pytest.raises(RuntimeError, match="prefill engine down"):
         pair.generate([random_prompt(40, seed=5)], GREEDY)
+    assert referenced_blocks(pair.decode) == 0
+
+
+def test_seeded_sampling_and_logprobs_equal_the_colocated_engine(colocated: LLM, pair) -> None:
+    prompts = [random_prompt(n, seed=n) for n in (9, 33)]
+    expected = colocated.generate(prompts, SEEDED, use_tqdm=False)
+    got = pair.generate(prompts, SEEDED)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.token_ids == theirs.token_ids
+        assert [lp.token_id for lp in mine.logprobs] == mine.token_ids
+        for a, b in zip(mine.logprobs, theirs.logprobs, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _, _ in a.top_logprobs] == [t for t, _, _ in b.top_logprobs]
+
+
+def test_a_grammar_holds_across_the_handover(colocated: LLM, pair) -> None:
+    """The prefill engine samples the first token under the grammar; the decode engine's
+    matcher starts from it, so the reply is the colocated engine's, and valid JSON."""
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=3,
+                            structured=("json_schema", json.dumps(SCHEMA)))
+    prompts = ["Give a person as JSON: ", random_prompt(20, seed=8)]
+    expected = colocated.generate(prompts, params, use_tqdm=False)
+    got = pair.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    for output in got:
+        reply = json.loads(output.text)
+        assert set(reply) == {"name", "age"} and reply["age"] >= 0
     assert referenced_blocks(pair.decode) == 0

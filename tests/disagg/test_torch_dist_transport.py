@@ -115,7 +115,7 @@ def engines_worker(rank: int, port: int, plans, tokens, results) -> None:
                 transfer_id, num_tokens, skip_tokens = plans.get(timeout=TIMEOUT_S)
                 op = PrefillAndSend(prompt, SamplingParams(**PARAMS), transfer_id, num_tokens,
                                     skip_tokens, kv_rank=1)
-                tokens.put(run_op(ops, op, wait=llm.engine.step).first_token_id)
+                tokens.put(run_op(ops, op, wait=llm.engine.step).first_token)
             sender.close(stop_receiver=True)
             results.put(("prefill", sender.sent_bytes))
         else:

@@ -49,7 +49,7 @@ TO_CORE = [
     CoreCall(1, ReserveKV([4, 5], PARAMS)),
     CoreCall(2, CancelKV("xfer-1")),
     CoreCall(3, PrefillAndSend([4, 5, 6], PARAMS, "xfer-1", 3, 0, kv_rank=1)),
-    CoreCall(4, AdmitWithKV("xfer-1", first_token_id=9)),
+    CoreCall(4, AdmitWithKV("xfer-1", SampledToken(9, -0.5, [(9, -0.5), (4, -1.5)]))),
     CoreCall(5, GetKVBytes()),
 ]
 TO_FRONT = [
@@ -67,7 +67,7 @@ TO_FRONT = [
         num_adds=4,
     ),
     CallResult(1, ReservedKV("xfer-1", 3, 0)),
-    CallResult(3, PrefilledKV(first_token_id=9, sent_bytes=1024)),
+    CallResult(3, PrefilledKV(SampledToken(9), sent_bytes=1024)),
     CallResult(4, AdmittedKV(0.01, 0.2, 2048)),
     CallResult(5, KVBytes(sent=1, received=2)),
     CallResult(2),

@@ -1,0 +1,25 @@
+"""``kvserve router``'s app: the colocated server's OpenAI app (``server.app.build_app``) over a
+``DisaggregatedEngine``, so clients cannot tell the two apart, plus the router's own metrics
+(time per phase) and, in ``/health``, the decode engines found down."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from kvserve.disagg.remote_engine import DisaggregatedEngine
+from kvserve.disagg.router import Router
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.server.app import build_app
+from kvserve.server.metrics import ServerMetrics
+
+
+def build_router_app(
+    router: Router, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+    engine: DisaggregatedEngine | None = None,
+) -> FastAPI:
+    """The app; ``engine`` defaults to a DisaggregatedEngine over ``router`` (the app's
+    start asks the engines for the model's limits)."""
+    engine = engine or DisaggregatedEngine(router)
+    metrics = ServerMetrics(registry=router.registry, model_name=model_name)
+    return build_app(engine, tokenizer, model_name, api_key=api_key, metrics=metrics,
+                     health_details=engine.health)

@@ -1,0 +1,75 @@
+"""A disaggregated set as real processes on 127.0.0.1: a prefill engine (KV rank 0), a decode
+engine (rank 1, gloo between them) and the router in front, each a ``python -m
+kvserve.cli.main`` subprocess with its log in a file; started, waited for, stopped by
+SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from tests.server.server_process import ENGINE_ARGS, STARTUP_TIMEOUT_S, free_port
+
+
+def launch(log_path: Path, *args: str) -> subprocess.Popen:
+    with log_path.open("w") as log:
+        return subprocess.Popen([sys.executable, "-m", "kvserve.cli.main", *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never became healthy:\n{log_path.read_text()}")
+
+
+@contextlib.contextmanager
+def running_set(logs: Path) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Popen]]]:
+    """Prefill (rank 0), decode (rank 1) and the router, stopped by SIGTERM at the end."""
+    master = f"127.0.0.1:{free_port()}"
+    ports = {role: free_port() for role in ("prefill", "decode", "router")}
+    urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
+    processes = {}
+    for rank, role in enumerate(("prefill", "decode")):
+        processes[role] = launch(
+            logs / f"{role}.log", "serve", "--role", role, "--kv-rank", str(rank),
+            "--kv-world-size", "2", "--kv-master", master, "--port", str(ports[role]),
+            *ENGINE_ARGS,
+        )
+    try:
+        for role in ("prefill", "decode"):
+            wait_healthy(urls[role], processes[role], logs / f"{role}.log")
+        processes["router"] = launch(
+            logs / "router.log", "router", "--prefill", urls["prefill"], "--decode",
+            urls["decode"], "--port", str(ports["router"]),
+        )
+        wait_healthy(urls["router"], processes["router"], logs / "router.log")
+        yield urls, processes
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
