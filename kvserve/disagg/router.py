@@ -246,6 +246,10 @@ def check_like_a_server(body: dict[str, Any], chat: bool) -> SamplingRequest:
             raise invalid_request(f"{field} is not supported through the router yet (the prefill "
                                   "engine samples the first token without the grammar)",
                                   param=field)
+    if isinstance(parsed, ChatCompletionRequest) and parsed.parses_tool_calls:
+        raise invalid_request("tools with tool_choice auto (the default with tools) are not "
+                              "supported through the router yet (its replies are not parsed "
+                              "for tool calls): give tool_choice none", param="tool_choice")
     return parsed
 
 
