@@ -31,6 +31,9 @@ def add_router_parser(commands: argparse._SubParsersAction) -> None:
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every /v1 route")
+    router.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="the Jinja chat template the engines were given (`kvserve serve "
+                        "--chat-template`): the router renders chats itself")
     router.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGTERM")
 
@@ -39,6 +42,7 @@ def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvserve.cli.graceful_server import GracefulServer
+    from kvserve.cli.serve import read_chat_template
     from kvserve.disagg.router import Router
     from kvserve.disagg.router_app import build_router_app
     from kvserve.model.embedded import EMBEDDED_NAME
@@ -48,7 +52,10 @@ def run_router(args: argparse.Namespace) -> int:
 
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    chat_template = read_chat_template(args.chat_template) if args.chat_template else None
     tokenizer = load_tokenizer(resolve_model_source(args.model))
+    if chat_template is not None:
+        tokenizer.replace_chat_template(chat_template)
     name = args.served_model_name or args.model or EMBEDDED_NAME
     app = build_router_app(Router(args.prefill, args.decode), tokenizer, name,
                            api_key=args.api_key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvserve.cli.args import add_engine_args, engine_config_from_args
@@ -55,6 +56,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="the model name clients send and see (default: SmolLM2-135M-Instruct for the "
         "embedded model, else --model as given)",
+    )
+    group.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template that replaces the model's own for /v1/chat/completions "
+        "(as a tokenizer_config.json's chat_template: messages, tools, add_generation_prompt)",
     )
     group.add_argument(
         "--shutdown-timeout",
@@ -108,9 +116,12 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         if args.kv_rank is None or args.kv_world_size is None:
             raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
         kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master)
+    chat_template = read_chat_template(args.chat_template) if args.chat_template else None
     engine = AsyncEngine.in_process(
         engine_config_from_args(args), max_queue=args.max_queue, kv_role=kv_role
     )
+    if chat_template is not None:
+        engine.tokenizer.replace_chat_template(chat_template)
     engine.start()  # the engine process loads the model; this one only the tokenizer
     model_name = args.served_model_name or (args.model if args.model else EMBEDDED_NAME)
     app = build_app(
@@ -149,6 +160,22 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if server.failure is not None:
         return 1
     return 0 if server.started else 1
+
+
+def read_chat_template(path: str) -> str:
+    """The text of ``--chat-template FILE``, checked before the model loads: a ValueError
+    naming the flag and the file if it cannot be read or does not parse."""
+    from kvserve.model.tokenizer import check_chat_template
+
+    try:
+        template = Path(path).read_text()
+    except OSError as error:
+        raise ValueError(f"--chat-template {path}: cannot read it ({error.strerror})") from None
+    try:
+        check_chat_template(template)
+    except ValueError as error:
+        raise ValueError(f"--chat-template {path}: not a valid Jinja template: {error}") from None
+    return template
 
 
 def _add_role(app: FastAPI, kv_role: KVRole) -> None:

@@ -46,6 +46,12 @@ def engine_argv(argv: list[str]) -> list[str]:
     return out
 
 
+# serve's flags that the router takes too: the tokenizer and chat template it renders prompts
+# with, the name clients see, the key they send, and the drain time
+ROUTER_FLAGS = ("--model", "--chat-template", "--served-model-name", "--api-key",
+                "--shutdown-timeout")
+
+
 def commands(
     argv: list[str], host: str, port: int, prefill_devices: list[str],
     decode_devices: list[str], master_port: int,
@@ -64,9 +70,10 @@ def commands(
                        "--host", host, "--port", str(engine_port), "--device", device])
     router = [*base, "router", "--host", host, "--port", str(port),
               "--prefill", *urls["prefill"], "--decode", *urls["decode"]]
-    model = _value_of(shared, "--model")
-    if model is not None:
-        router += ["--model", model]
+    for flag in ROUTER_FLAGS:  # what the router needs to answer as the engines would
+        value = _value_of(shared, flag)
+        if value is not None:
+            router += [flag, value]
     return [*result, router]
 
 

@@ -62,6 +62,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
+    def replace_chat_template(self, template: str) -> None:
+        """Render chats with ``template`` (Jinja, as a tokenizer_config.json's
+        ``chat_template``) instead of the model's own; ValueError if it does not parse."""
+        check_chat_template(template)
+        self.hf.chat_template = template
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, with BOS only if the tokenizer itself adds one."""
         return list(self.hf.encode(text))
@@ -112,6 +118,18 @@ class Tokenizer:
     def id_to_text(self, token_id: int) -> str:
         """The decoded text of one token (special tokens included), e.g. for logprob displays."""
         return self.hf.decode([token_id], skip_special_tokens=False)
+
+
+def check_chat_template(template: str) -> None:
+    """ValueError naming the line if ``template`` is not a Jinja template that transformers'
+    ``apply_chat_template`` can compile (its own environment: sandboxed, with its extensions)."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as error:
+        raise ValueError(f"line {error.lineno}: {error.message}") from None
 
 
 def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:

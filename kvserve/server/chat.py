@@ -42,6 +42,7 @@ from kvserve.server.serving import (
     usage,
 )
 from kvserve.server.streams import ChoiceStreams
+from kvserve.server.tool_parser import ParsedText, ToolCallStream, parse_tool_calls
 from kvserve.server.tools import calls_as_text, tool_calls
 
 
@@ -76,7 +77,7 @@ async def create_chat_completion(
             index=index,
             message=message,
             logprobs=_logprobs(output.logprobs) if body.logprobs else None,
-            finish_reason=_finish_reason(output, message),
+            finish_reason=_finish_reason(output, bool(message.tool_calls)),
         ))
     completion = ChatCompletion(
         id=response_id,
@@ -107,25 +108,40 @@ async def _chunks(
     for index in range(body.n):
         yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
     forced = body.forced_tool_choice
+    parsers = {index: ToolCallStream(body.tool_names) for index in range(body.n)}
     async for index, delta in streams:
         logprobs = _delta_logprobs(delta) if body.logprobs else None
-        if forced is None and (delta.text or logprobs):
-            yield chunk(
-                [ChatChunkChoice(index=index, delta={"content": delta.text}, logprobs=logprobs)]
-            )
+        if forced is not None:  # the call, whole, once its arguments are complete
+            if delta.finished:
+                message = _message(body, delta.output.text)
+                yield chunk([ChatChunkChoice(index=index, delta=_whole_delta(message))])
+                reason = _finish_reason(delta.output, bool(message.tool_calls))
+                yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=reason)])
+            continue
+        parser = parsers[index]
+        parsed = _parsed(parser, delta) if body.parses_tool_calls else ParsedText(delta.text)
+        if parsed.content or logprobs:
+            content = {"content": parsed.content}
+            yield chunk([ChatChunkChoice(index=index, delta=content, logprobs=logprobs)])
+        if parsed.calls:
+            first = parser.num_calls - len(parsed.calls)
+            numbered = [{"index": first + i, **call} for i, call in enumerate(parsed.calls)]
+            yield chunk([ChatChunkChoice(index=index, delta={"tool_calls": numbered})])
         if delta.finished:
-            message = _message(body, delta.output.text)
-            if forced is not None:  # the call, whole, once its arguments are complete
-                if message.tool_calls:
-                    calls = [{"index": i, **call} for i, call in enumerate(message.tool_calls)]
-                    yield chunk([ChatChunkChoice(index=index, delta={"tool_calls": calls})])
-                else:
-                    yield chunk([ChatChunkChoice(index=index,
-                                                 delta={"content": delta.output.text})])
-            reason = _finish_reason(delta.output, message)
+            reason = _finish_reason(delta.output, parser.num_calls > 0)
             yield chunk([ChatChunkChoice(index=index, delta={}, finish_reason=reason)])
     if body.include_usage:
         yield chunk([], usage=usage(prompts, streams.outputs, body.n))
+
+
+def _parsed(parser: ToolCallStream, delta: StreamDelta) -> ParsedText:
+    """The content and calls this delta decides (tool_choice auto); the last delta also
+    takes what the parser still held back."""
+    parsed = parser.feed(delta.text)
+    if not delta.finished:
+        return parsed
+    rest = parser.finish()
+    return ParsedText(parsed.content + rest.content, parsed.calls + rest.calls)
 
 
 def _render(ctx: ServerContext, messages: list[dict], tools: list[dict] | None) -> list[int]:
@@ -143,17 +159,30 @@ def _render(ctx: ServerContext, messages: list[dict], tools: list[dict] | None) 
 
 
 def _message(body: ChatCompletionRequest, text: str) -> AssistantMessage:
-    """The reply as OpenAI gives it: its text, or the tool call a forced choice made."""
+    """The reply as OpenAI gives it: its text, the call a forced choice made, or (auto) the
+    calls parsed out of the text and the text around them."""
     forced = body.forced_tool_choice
-    calls = tool_calls(text, forced) if forced is not None else None
-    if calls:
-        return AssistantMessage(content=None, tool_calls=calls)
+    if forced is not None:
+        calls = tool_calls(text, forced)
+        if calls:
+            return AssistantMessage(content=None, tool_calls=calls)
+        return AssistantMessage(content=text)
+    if body.parses_tool_calls:
+        content, calls = parse_tool_calls(text, body.tool_names)
+        return AssistantMessage(content=content, tool_calls=calls or None)
     return AssistantMessage(content=text)
 
 
-def _finish_reason(output: RequestOutput, message: AssistantMessage) -> str:
+def _whole_delta(message: AssistantMessage) -> dict:
+    """A forced choice's reply as one delta: its numbered calls, or its text if it made none."""
+    if message.tool_calls:
+        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(message.tool_calls)]}
+    return {"content": message.content}
+
+
+def _finish_reason(output: RequestOutput, called: bool) -> str:
     reason = finish_reason(output)
-    if reason == "stop" and message.tool_calls:
+    if reason == "stop" and called:
         return "tool_calls"
     return reason
 

@@ -3,7 +3,7 @@
 Requests accept and ignore fields they do not know (OpenAI clients send extras), but a known
 field with an invalid value is an error that names the field and its limit. ``top_k``,
 ``min_p`` and ``ignore_eos`` are extensions (as in vLLM). A field kvserve knows but does not
-honour yet (``response_format``, ``tools``...) is refused by name (``unsupported_field``), never
+honour yet (``best_of``, ``functions``...) is refused by name (``unsupported_field``), never
 silently ignored.
 """
 
@@ -258,6 +258,16 @@ class ChatCompletionRequest(SamplingRequest):
             return self.tool_choice.model_dump()
         return self.tool_choice
 
+    @property
+    def parses_tool_calls(self) -> bool:
+        """True for ``tool_choice: "auto"`` (the default when tools are given): the reply is
+        free text, and the calls in it are parsed out (``kvserve.server.tool_parser``)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
+    @property
+    def tool_names(self) -> set[str]:
+        return {tool.function.name for tool in self.tools or []}
+
     def structured(self) -> tuple[str, tuple[str, str]] | None:
         forced = self.forced_tool_choice
         if forced is None:
@@ -275,8 +285,6 @@ class ChatCompletionRequest(SamplingRequest):
         return ("tool_choice", ("json_schema", json.dumps(schema)))
 
     def unsupported_field(self) -> str | None:
-        if self.tools and self.tool_choice in (None, "auto"):
-            return "tool_choice"  # auto: the model's own call format, parsed (not yet)
         if self.tool_choice not in (None, "none") and not self.tools:
             return "tool_choice"
         return super().unsupported_field()

@@ -5,8 +5,8 @@ JSON schema, so any model returns a valid call; the reply is then given back as
 
 ``required`` lets the model pick the function: the reply is ``{"name": ..., "arguments":
 {...}}``, one branch per tool. A named function's reply is its arguments object alone.
-``tool_choice: "auto"`` (the default when tools are given) needs the model's own tool format
-parsed out of free text, which kvserve does not do yet: it is refused by name.
+``tool_choice: "auto"`` (the default when tools are given) constrains nothing: the calls are
+parsed out of the free reply by ``kvserve.server.tool_parser``.
 """
 
 from __future__ import annotations

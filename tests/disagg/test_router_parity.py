@@ -45,6 +45,7 @@ CASES = [
                                   "json_schema": {"name": "person", "schema": PERSON}}}),
     ("chat", {"messages": CHAT, "max_tokens": 40, "temperature": 0, "tools": [WEATHER],
               "tool_choice": "required"}),
+    ("chat", {"messages": CHAT, "max_tokens": 8, "temperature": 0, "tools": [WEATHER]}),
 ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from server_process import API_KEY, Server, start_server, stop_server
+from server_process import API_KEY, HERMES_TEMPLATE, Server, start_server, stop_server
 
 
 def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, *args: str, **kw) -> Iterator:
@@ -39,3 +39,10 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def base_url(server: Server) -> str:
     return server.base_url
+
+
+@pytest.fixture(scope="session")
+def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose chat template is tests/data/hermes_tools.jinja (``--chat-template``):
+    tools, assistant calls and tool results rendered in the Hermes style."""
+    yield from _serve(tmp_path_factory, "tools", "--chat-template", str(HERMES_TEMPLATE))

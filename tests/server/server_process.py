@@ -22,6 +22,8 @@ API_KEY = "test-key"
 ENGINE_ARGS = ["--dtype", "float32", "--quantization", "none", "--enforce-eager",
                "--kv-cache-memory", "64MiB", "--block-size", "16"]
 MODEL = "SmolLM2-135M-Instruct"
+# a Hermes-style chat template with tools, for --chat-template
+HERMES_TEMPLATE = Path(__file__).parents[1] / "data" / "hermes_tools.jinja"
 
 
 @dataclass

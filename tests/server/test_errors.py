@@ -68,8 +68,6 @@ INVALID = [
     # guided_* family among them: kvserve takes its newer structured_outputs).
     (CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format", ["json_schema must be"]),
-    (CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice",
-     ["not supported"]),  # tools with tool_choice auto, the default: not yet
     (COMPLETIONS, completion(tools=[{"type": "function", "function": {"name": "f"}}]),
      "tools", ["not supported"]),
     (CHAT, chat(tool_choice="required"), "tool_choice", ["not supported"]),

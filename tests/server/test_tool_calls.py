@@ -1,7 +1,8 @@
 """Tool calls through a real server and the openai client: a named function or
 ``tool_choice: "required"`` gives a call whose arguments validate against the function's
 schema (whole and streamed), the history takes assistant calls and tool results, and
-``auto`` is refused by name."""
+``auto`` with the model's own template (which ignores tools) leaves the text alone.
+tests/server/test_tool_calls_auto.py has auto with a template that renders tools."""
 
 from __future__ import annotations
 
@@ -100,10 +101,21 @@ def test_the_history_takes_calls_and_tool_results(client: OpenAI) -> None:
     assert isinstance(response.choices[0].message.content, str)
 
 
+def test_auto_is_the_default_and_leaves_plain_text_alone(client: OpenAI) -> None:
+    """The model's own template ignores tools, so with no call in the reply, auto (given or
+    by default) answers what tool_choice none does."""
+    replies = [client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=12, **choice,
+    ).choices[0] for choice in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {})]
+    assert replies[0].message.content and replies[0].message.tool_calls is None
+    for reply in replies[1:]:
+        assert reply.message == replies[0].message
+        assert reply.finish_reason == replies[0].finish_reason
+
+
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"tools": [WEATHER]}, "tool_choice"),  # auto, the default with tools: not yet
-    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+    ({"tool_choice": "auto"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
