@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TokenLogprob:
-    """Log-probability of one generated token and the most likely alternatives at that step."""
+    """Log-probability of one token and the most likely alternatives at its position; for a
+    prompt token also its ``rank`` (1: the most likely; see ``SampledToken.rank``)."""
 
     token_id: int
     token: str
     logprob: float
     top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    rank: int | None = None
 
 
 @dataclass
@@ -22,6 +24,8 @@ class RequestOutput:
 
     ``finish_reason`` is ``"stop"`` (EOS, a stop token or a stop string) or ``"length"``
     (max_tokens or the model's context limit). Timings are in seconds since ``arrival_time``.
+    ``prompt_logprobs`` (when ``SamplingParams.prompt_logprobs`` is set) has one entry per prompt
+    token, the first ``None`` (nothing comes before it); it fills in with the first token.
     """
 
     request_id: str
@@ -32,6 +36,7 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     scheduled_time: float | None = None  # first admitted to the running batch

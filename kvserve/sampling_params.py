@@ -16,6 +16,10 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k == -1`` (or 0) disables top-k. ``stop`` strings are
     matched on the detokenized text, across token boundaries, and are not included in the output.
     ``logprobs=N`` returns the chosen token's log-probability plus the N most likely alternatives.
+    ``prompt_logprobs=N`` returns, for every prompt token after the first, its log-probability
+    given the tokens before it, its rank, and the N most likely alternatives (0: the token's
+    own alone). Such a request never takes prompt tokens from the prefix cache: their logits
+    were never computed there.
     ``logit_bias`` adds ``(token_id, bias)`` pairs to the logits before sampling (OpenAI's
     ``logit_bias``: -100 all but bans a token, +100 all but forces it).
     """
@@ -32,6 +36,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
     # (kind, spec): output constrained to a grammar (kvserve.worker.grammar.GRAMMAR_KINDS)
@@ -65,6 +70,12 @@ class SamplingParams:
         _check(self.logprobs is None or (isinstance(self.logprobs, int)
                                          and 0 <= self.logprobs <= _MAX_LOGPROBS),
                "logprobs", f"must be between 0 and {_MAX_LOGPROBS}, got {self.logprobs!r}")
+        prompt_logprobs = self.prompt_logprobs
+        _check(prompt_logprobs is None or (
+                   isinstance(prompt_logprobs, int) and not isinstance(prompt_logprobs, bool)
+                   and 0 <= prompt_logprobs <= _MAX_LOGPROBS),
+               "prompt_logprobs",
+               f"must be between 0 and {_MAX_LOGPROBS}, got {self.prompt_logprobs!r}")
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens",
                f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")

@@ -78,6 +78,22 @@ class Request:
                 or self.num_tokens_with_placeholders >= self.max_model_len)
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt logprobs are still to be computed: asked for, and no token sampled yet
+        (a request preempted after its first token has had them already)."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and not self.output_token_ids and self.num_output_placeholders == 0)
+
+    def prompt_logprob_targets(self, start: int, end: int) -> list[int] | None:
+        """The prompt tokens that positions [start, end) predict, when this request wants
+        prompt logprobs: position q predicts prompt token q + 1, so the last position of a
+        chunk predicts the first token of the next one; the last prompt position predicts
+        no prompt token. None when there are none to compute."""
+        if not self.wants_prompt_logprobs or start >= self.num_prompt_tokens - 1:
+            return None
+        return self.prompt_token_ids[start + 1 : min(end + 1, self.num_prompt_tokens)]
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

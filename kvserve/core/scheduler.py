@@ -49,6 +49,9 @@ class ScheduledRequest:
     output_token_ids: list[int]
     num_prompt_tokens: int = 0  # positions from here on hold generated tokens
     num_generated: int = 0  # output tokens before the one this step samples (known or in flight)
+    # Prompt logprobs: the prompt tokens this grant's first positions predict (one a position,
+    # the last possibly the next chunk's first token); None when the request wants none.
+    prompt_logprob_targets: list[int] | None = None
 
 
 @dataclass
@@ -146,7 +149,10 @@ class Scheduler:
                 break  # preempted with a token in flight: admitted once that token is known
             # A request whose KV was loaded from elsewhere (LLM.decode) already has its blocks.
             holds_kv = bool(self.kv.block_table(request.request_id))
-            prefix = None if holds_kv else self.kv.find_cached_prefix(request)
+            # Cached prompt tokens were never run through the LM head here: a request that
+            # wants prompt logprobs computes its whole prompt (as vLLM does).
+            skip_cache = holds_kv or request.wants_prompt_logprobs
+            prefix = None if skip_cache else self.kv.find_cached_prefix(request)
             start = prefix.num_tokens if prefix else request.num_computed_tokens
             num_new = min(request.num_tokens - start, budget)
             if not self.kv.allocate_slots(request, num_new, prefix):
@@ -202,6 +208,7 @@ class Scheduler:
             output_token_ids=request.output_token_ids,
             num_prompt_tokens=request.num_prompt_tokens,
             num_generated=request.num_output_tokens + request.num_output_placeholders,
+            prompt_logprob_targets=request.prompt_logprob_targets(start, end),
         )
         request.num_computed_tokens = end
         self.prompt_tokens_computed += max(0, min(end, request.num_prompt_tokens) - start)

@@ -21,6 +21,7 @@ from kvserve.analysis.trace import StepTrace, split_tokens
 from kvserve.core.request import Request
 from kvserve.core.scheduler import Scheduler, SchedulerOutput
 from kvserve.engine.messages import AddRequest, EngineOutput, Stats
+from kvserve.engine.prompt_logprobs import PromptLogprobsBuffer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.step_output import SampledToken
@@ -95,6 +96,7 @@ class EngineCore:
         self.captured_logits: dict[str, list[torch.Tensor]] = {}
         self._first_token_times: dict[str, float] = {}
         self._held_first_tokens: dict[str, SampledToken] = {}  # of held requests, logprobs kept
+        self._prompt_logprobs = PromptLogprobsBuffer()  # handed out with each first token
         self._queued: list[EngineOutput] = []  # outputs of named operations, sent with a step
         self.async_scheduling = async_scheduling
         self._in_flight: _InFlight | None = None  # launched, its tokens not read yet
@@ -162,6 +164,7 @@ class EngineCore:
         self.scheduler.finish_request(request_id, reason)
         self.runner.drop_request(request_id)
         self._capture_logits.discard(request_id)
+        self._prompt_logprobs.drop(request_id)
         if request is not None:
             self._trace_finished(request)
 
@@ -283,6 +286,10 @@ class EngineCore:
             raise self._fail(step.scheduled, error) from error
         for request_id, logits in result.logits.items():
             self.captured_logits.setdefault(request_id, []).append(logits)
+        for request_id, part in result.prompt_logprobs.items():
+            request = step.scheduled.requests.get(request_id)
+            if request is not None and request is self.scheduler.requests.get(request_id):
+                self._prompt_logprobs.add(request_id, part)  # not if it ended meanwhile
         updated = self.scheduler.update_from_output(
             step.scheduled, {rid: token.token_id for rid, token in result.sampled.items()}
         )
@@ -307,6 +314,10 @@ class EngineCore:
         if request.is_finished:
             self._capture_logits.discard(request.request_id)
             self._trace_finished(request)
+        prompt_logprobs = None
+        if request.sampling_params.prompt_logprobs is not None and request.num_output_tokens == 1:
+            prompt_logprobs = self._prompt_logprobs.pop(request.request_id,
+                                                        request.num_prompt_tokens)
         return EngineOutput(
             request.request_id,
             [token],
@@ -314,6 +325,7 @@ class EngineCore:
             request.stop_reason,
             request.num_cached_tokens,
             request.first_scheduled_time,
+            prompt_logprobs,
         )
 
     def _trace_finished(self, request: Request) -> None:
@@ -365,6 +377,9 @@ class EngineCore:
         block is offered to the prefix cache before that. RuntimeError if the pool is full."""
         self.validate_prompt(prompt_token_ids)
         validate_params(params, self.vocab_size)
+        if params.prompt_logprobs is not None:  # its prompt is never run through the model here
+            raise ValueError("prompt_logprobs need the prompt prefilled by this engine, not KV "
+                             "loaded from elsewhere")
         request = self.new_request(prompt_token_ids, params, request_id)
         kv = self.scheduler.kv
         hit = kv.find_cached_prefix(request)

@@ -149,7 +149,9 @@ class CallResult(msgspec.Struct, tag=True, frozen=True):
 
 
 class EngineOutput(msgspec.Struct, frozen=True):
-    """What one step gave one request: its new tokens and, if it ended, why."""
+    """What one step gave one request: its new tokens and, if it ended, why. With its first
+    token, a request that asked for prompt logprobs gets them all: entry ``i`` is about prompt
+    token ``i + 1``."""
 
     request_id: str
     tokens: list[SampledToken]
@@ -157,6 +159,7 @@ class EngineOutput(msgspec.Struct, frozen=True):
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    prompt_logprobs: list[SampledToken] | None = None
 
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True):

@@ -92,6 +92,9 @@ class OutputProcessor:
             output.first_token_time = now
             output.scheduled_time = engine_output.first_scheduled_time
         output.num_cached_tokens = engine_output.num_cached_tokens
+        if engine_output.prompt_logprobs is not None:
+            output.prompt_logprobs = [None] + [
+                self._logprob(token) for token in engine_output.prompt_logprobs]
         text, token_ids, new_logprobs = "", [], []
         stop_string = None
         deferred = request_id in self._deferred
@@ -148,4 +151,5 @@ class OutputProcessor:
             token=text_of(token.token_id),
             logprob=float(token.logprob) if token.logprob is not None else float("nan"),
             top_logprobs=[(tid, text_of(tid), lp) for tid, lp in token.top],
+            rank=token.rank,
         )

@@ -141,6 +141,7 @@ class SamplingRequest(_Request):
     min_p: float | None = None  # extension
     ignore_eos: bool = False  # extension
     honours_tools: ClassVar[bool] = False  # chat does (a forced call), completions not
+    honours_prompt_logprobs: ClassVar[bool] = False  # completions do, chat not (yet)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     # Known but not honoured yet: a request that uses one is refused (unsupported_field).
     response_format: dict[str, Any] | None = None
@@ -198,9 +199,11 @@ class SamplingRequest(_Request):
         if self.modalities not in (None, ["text"]):
             return "modalities"
         for name in ("functions", "function_call", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "prompt_logprobs", "audio", "prediction"):
+                     "guided_choice", "guided_grammar", "audio", "prediction"):
             if getattr(self, name) is not None:
                 return name
+        if self.prompt_logprobs is not None and not self.honours_prompt_logprobs:
+            return "prompt_logprobs"
         return None
 
     @property
@@ -314,10 +317,16 @@ Prompt = Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidato
 
 
 class CompletionRequest(SamplingRequest):
+    """``echo`` puts the prompt before the completion (text and logprobs); ``max_tokens: 0``
+    (with echo only) returns the prompt alone. ``prompt_logprobs`` is vLLM's extension."""
+
     prompt: Prompt
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None  # not honoured: refused
+    honours_prompt_logprobs: ClassVar[bool] = True
 
     def unsupported_field(self) -> str | None:
         return "suffix" if self.suffix is not None else super().unsupported_field()
@@ -390,10 +399,20 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """None in ``token_logprobs`` and ``top_logprobs`` only for an echoed prompt's first token."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one token's entry in ``prompt_logprobs``."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -401,6 +420,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # vLLM's extension
 
 
 class Completion(BaseModel):

@@ -12,8 +12,11 @@ MEDIA_TYPE = "text/event-stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def event(payload: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> bytes:
-    """One ``data:`` event holding ``payload`` as compact JSON."""
+def event(
+    payload: BaseModel | dict[str, Any], exclude: set[str] | dict[str, Any] | None = None
+) -> bytes:
+    """One ``data:`` event holding ``payload`` as compact JSON, without the fields in
+    ``exclude`` (pydantic's form: names, or a dict for nested fields)."""
     if isinstance(payload, BaseModel):
         text = payload.model_dump_json(exclude=exclude)
     else:

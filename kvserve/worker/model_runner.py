@@ -16,11 +16,12 @@ from kvserve.device_copy import to_device
 from kvserve.kv_connector import KVConnector
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.sampling_params import SamplingParams
-from kvserve.step_output import SampledToken
+from kvserve.step_output import PromptLogprobs, SampledToken
 from kvserve.worker.decode_inputs import DecodeStep, TokenFill
 from kvserve.worker.grammar import Grammars
 from kvserve.worker.kv_cache import PagedKVCache
 from kvserve.worker.prefill_graphs import PrefillGraphs
+from kvserve.worker.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs
 from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
 
 
@@ -28,6 +29,7 @@ from kvserve.worker.sampler import SamplerOutput, SamplingBatch, sample
 class ModelRunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     logits: dict[str, torch.Tensor] = field(default_factory=dict)  # only for captured requests
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
 # One sampling row: (request_id, params, output token ids known, output tokens before this one)
@@ -48,9 +50,11 @@ class PendingOutput:
         sampled: SamplerOutput | None,
         logits: dict[str, torch.Tensor],
         grammars: Grammars | None = None,
+        prompt_logprobs: PendingPromptLogprobs | None = None,
     ) -> None:
         self.rows = rows
         self.logits = logits
+        self._prompt_logprobs = prompt_logprobs  # of this step's prompt chunks, if asked for
         self._grammars = grammars  # advanced by each structured request's token
         self._event: torch.cuda.Event | None = None
         self._host = sampled
@@ -63,8 +67,9 @@ class PendingOutput:
             self._event.record()
 
     def result(self) -> ModelRunnerOutput:
+        prompt = self._prompt_logprobs.result() if self._prompt_logprobs is not None else {}
         if self._host is None:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(prompt_logprobs=prompt)
         if self._event is not None:
             self._event.synchronize()
         sampled = _to_sampled_tokens(self._host, self.rows)
@@ -73,7 +78,7 @@ class PendingOutput:
                 if params.structured:
                     self._grammars.accept(request_id, sampled[request_id].token_id)
             self._grammars = None  # once
-        return ModelRunnerOutput(sampled, self.logits)
+        return ModelRunnerOutput(sampled, self.logits, prompt)
 
 
 def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
@@ -131,9 +136,10 @@ class ModelRunner:
         if step.is_empty:
             return PendingOutput([], None, {})
         hidden = self._forward(step.scheduled)
+        prompt = launch_prompt_logprobs(self.model, hidden, step.scheduled)
         sampling = [s for s in step.scheduled if s.sample]
         if not sampling:
-            return PendingOutput([], None, {})
+            return PendingOutput([], None, {}, prompt_logprobs=prompt)
         ends = _query_ends(step.scheduled, sampling)
         if ends != list(range(len(hidden))):  # not every row samples: keep the ones that do
             hidden = hidden[to_device(ends, torch.int64, self.device)]
@@ -149,7 +155,7 @@ class ModelRunner:
         self._last_token_ids = sampled.token_ids
         self._last_rows = {s.request_id: row for row, s in enumerate(sampling)}
         return PendingOutput(rows, sampled, captured,
-                             self.grammars if grammar_rows[0] else None)
+                             self.grammars if grammar_rows[0] else None, prompt)
 
     def _grammar_rows(self, sampling: list[ScheduledRequest]) -> tuple[list[int], list[str]]:
         """The rows of a structured request, and their request ids (matchers started here)."""

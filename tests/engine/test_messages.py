@@ -39,7 +39,8 @@ from kvserve.step_output import SampledToken
 
 PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, seed=11, stop=("\n\n",),
                         stop_token_ids=(5,), logprobs=2, logit_bias={3: -100, 9: 2.5},
-                        structured=("json_schema", "{\"type\": \"object\"}"))
+                        structured=("json_schema", "{\"type\": \"object\"}"),
+                        prompt_logprobs=3)
 STATS = {"num_running": 1, "kv_usage": 0.25}
 
 TO_CORE = [
@@ -60,6 +61,8 @@ TO_FRONT = [
             EngineOutput("r-1", [SampledToken(7, -0.5, [(7, -0.5), (8, -1.25)])]),
             EngineOutput("r-2", [SampledToken(2)], "stop", 2, num_cached_tokens=16,
                          first_scheduled_time=3.5),
+            EngineOutput("r-5", [SampledToken(4)], prompt_logprobs=[
+                SampledToken(8, -2.5, [(3, -0.5)], rank=4), SampledToken(1, -0.25, [], rank=1)]),
         ],
         failed_ids=["r-3"],
         rejected={"r-4": "request id 'r-4' is already in use"},
