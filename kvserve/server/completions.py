@@ -28,6 +28,7 @@ from kvserve.server.serving import (
     finish_reason,
     json_response,
     new_id,
+    off_loop,
     run_to_completion,
     unix_time,
     usage,
@@ -41,7 +42,7 @@ async def create_completion(
     ctx.check_model(body.model)
     if body.echo:
         raise invalid_request("echo is not supported", param="echo")
-    prompts = _prompts(ctx, body.prompt)
+    prompts = await off_loop(_prompts, ctx, body.prompt)  # tokenized in a worker thread
     response_id = new_id("cmpl")
     requests = choice_requests(ctx, body, prompts, response_id, "prompt", body.logprobs)
     streams = ctx.streams(requests)
