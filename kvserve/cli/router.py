@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from kvserve.cli.limit_args import add_limit_args, limits_from_args
+
 logger = logging.getLogger("kvserve")
 
 UVICORN_EXTRA_GRACE_S = 5
@@ -36,6 +38,7 @@ def add_router_parser(commands: argparse._SubParsersAction) -> None:
                         "--chat-template`): the router renders chats itself")
     router.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGTERM")
+    add_limit_args(router)
 
 
 def run_router(args: argparse.Namespace) -> int:
@@ -53,12 +56,13 @@ def run_router(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     chat_template = read_chat_template(args.chat_template) if args.chat_template else None
+    limits = limits_from_args(args)
     tokenizer = load_tokenizer(resolve_model_source(args.model))
     if chat_template is not None:
         tokenizer.replace_chat_template(chat_template)
     name = args.served_model_name or args.model or EMBEDDED_NAME
     app = build_router_app(Router(args.prefill, args.decode), tokenizer, name,
-                           api_key=args.api_key)
+                           api_key=args.api_key, limits=limits)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                             timeout_graceful_shutdown=int(args.shutdown_timeout)
                             + UVICORN_EXTRA_GRACE_S)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvserve.cli.args import add_engine_args, engine_config_from_args
+from kvserve.cli.limit_args import add_limit_args, limits_from_args
 from kvserve.model.embedded import EMBEDDED_NAME
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds in-flight requests get to finish after SIGTERM before they are aborted",
     )
+    add_limit_args(serve)
     kv = serve.add_argument_group("disaggregation (see `kvserve router`)")
     kv.add_argument("--role", choices=("colocated", "prefill", "decode"), default="colocated",
                     help="prefill: compute prompts and stream their KV to decode engines; "
@@ -111,6 +113,7 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    limits = limits_from_args(args)
     kv_role = None
     if args.role != "colocated":
         if args.kv_rank is None or args.kv_world_size is None:
@@ -130,6 +133,7 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         model_name,
         api_key=args.api_key,
         metrics=ServerMetrics(model_name=model_name),
+        limits=limits,
     )
     import uvicorn
 

@@ -8,6 +8,7 @@ them all; if any of them exits, the others are stopped too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import socket
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+from kvserve.server.limits import ServerLimits, flag
 
 logger = logging.getLogger("kvserve")
 STOP_TIMEOUT_S = 60
@@ -49,7 +52,7 @@ def engine_argv(argv: list[str]) -> list[str]:
 # serve's flags that the router takes too: the tokenizer and chat template it renders prompts
 # with, the name clients see, the key they send, and the drain time
 ROUTER_FLAGS = ("--model", "--chat-template", "--served-model-name", "--api-key",
-                "--shutdown-timeout")
+                "--shutdown-timeout", *(flag(f.name) for f in dataclasses.fields(ServerLimits)))
 
 
 def commands(
@@ -70,10 +73,10 @@ def commands(
                        "--host", host, "--port", str(engine_port), "--device", device])
     router = [*base, "router", "--host", host, "--port", str(port),
               "--prefill", *urls["prefill"], "--decode", *urls["decode"]]
-    for flag in ROUTER_FLAGS:  # what the router needs to answer as the engines would
-        value = _value_of(shared, flag)
+    for name in ROUTER_FLAGS:  # what the router needs to answer as the engines would
+        value = _value_of(shared, name)
         if value is not None:
-            router += [flag, value]
+            router += [name, value]
     return [*result, router]
 
 

@@ -10,16 +10,17 @@ from kvserve.disagg.remote_engine import DisaggregatedEngine
 from kvserve.disagg.router import Router
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.server.app import build_app
+from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
 
 
 def build_router_app(
     router: Router, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-    engine: DisaggregatedEngine | None = None,
+    engine: DisaggregatedEngine | None = None, limits: ServerLimits | None = None,
 ) -> FastAPI:
     """The app; ``engine`` defaults to a DisaggregatedEngine over ``router`` (the app's
     start asks the engines for the model's limits)."""
     engine = engine or DisaggregatedEngine(router)
     metrics = ServerMetrics(registry=router.registry, model_name=model_name)
     return build_app(engine, tokenizer, model_name, api_key=api_key, metrics=metrics,
-                     health_details=engine.health)
+                     health_details=engine.health, limits=limits)

@@ -13,31 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
-from kvserve.server.errors import (
-    APIError,
-    from_validation_error,
-    install_error_handlers,
-    invalid_request,
-)
+from kvserve.server.errors import APIError, install_error_handlers
+from kvserve.server.input_limits import check_chat_limits, check_completion_limits
+from kvserve.server.limits import ServerLimits
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from kvserve.server.request_body import parse_body
 from kvserve.server.serving import ServerContext, json_response
 from kvserve.server.serving_engine import ServingEngine
-
-Body = TypeVar("Body", bound=BaseModel)
 
 
 def build_app(
@@ -47,11 +41,13 @@ def build_app(
     api_key: str | None = None,
     metrics: Any = None,
     health_details: Callable[[], dict[str, Any]] | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """An app serving ``async_engine`` as ``model_name``; ``metrics`` is a ServerMetrics;
     ``health_details`` adds fields to ``/health``'s answer (the router's engines that are
-    down)."""
-    ctx = ServerContext(async_engine, tokenizer, model_name, api_key, metrics)
+    down); ``limits`` bound every request (default: ``ServerLimits()``)."""
+    ctx = ServerContext(async_engine, tokenizer, model_name, api_key, metrics,
+                        limits or ServerLimits())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,13 +85,14 @@ def _v1_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await _parse(request, ChatCompletionRequest)
+        body = await parse_body(request, ChatCompletionRequest, ctx.limits, check_chat_limits)
         ctx.check_accepting()
         return await create_chat_completion(ctx, request, body)
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
-        body = await _parse(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest, ctx.limits,
+                                check_completion_limits)
         ctx.check_accepting()
         return await create_completion(ctx, request, body)
 
@@ -128,21 +125,6 @@ def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
             )
 
     return check
-
-
-async def _parse(request: Request, model: type[Body]) -> Body:
-    """The JSON body as ``model``: 400 for malformed JSON or an invalid field."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise invalid_request(f"the body is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise invalid_request(f"the body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise from_validation_error(error) from None
 
 
 def begin_drain(app: FastAPI, timeout_s: float) -> threading.Thread:

@@ -37,6 +37,7 @@ from kvserve.server.serving import (
     finish_reason,
     json_response,
     new_id,
+    off_loop,
     run_to_completion,
     unix_time,
     usage,
@@ -54,8 +55,8 @@ async def create_chat_completion(
         raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     messages = [message.to_template() for message in body.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-    try:
-        prompt_ids = _render(ctx, messages, tools)
+    try:  # templating and tokenizing in a worker thread: see serving.off_loop
+        prompt_ids = await off_loop(_render, ctx, messages, tools)
     except (ValueError, TemplateError) as error:
         raise invalid_request(f"messages: {error}", param="messages") from None
     prompts = [PromptInput(prompt_ids, None)]

@@ -39,6 +39,7 @@ from kvserve.server.serving import (
     finish_reason,
     json_response,
     new_id,
+    off_loop,
     run_to_completion,
     unix_time,
     usage,
@@ -51,7 +52,7 @@ async def create_completion(
 ) -> Response:
     ctx.check_model(body.model)
     _check_echo_fields(body)
-    prompts = _prompts(ctx, body.prompt)
+    prompts = await off_loop(_prompts, ctx, body.prompt)  # tokenized in a worker thread
     response_id = new_id("cmpl")
     requests = _engine_requests(ctx, body, prompts, response_id)
     streams = ctx.streams(requests)

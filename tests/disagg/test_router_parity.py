@@ -156,3 +156,19 @@ def test_the_router_shows_requests_in_flight_and_frees_everything(
     for role in ("prefill", "decode"):
         engine = httpx.get(disaggregated[role] + "/v1/stats", timeout=10).json()
         assert engine["kv_blocks_free"] == engine["kv_blocks_total"], (role, engine)
+
+
+def test_hostile_bodies_get_the_colocated_servers_refusals(
+    disaggregated, colocated_server: Server
+) -> None:
+    """The router has the server's request limits (issue 16): the same 4xx, by name."""
+    bodies = [b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+              json.dumps({"messages": CHAT * 5000}).encode(),
+              json.dumps({"prompt": "Hi", "stop": [f"s{i}" for i in range(100)]}).encode()]
+    for body in bodies:
+        answers = [httpx.post(url + "/v1/chat/completions", content=body, timeout=60,
+                              headers={"content-type": "application/json"})
+                   for url in (disaggregated["router"], colocated_server.base_url)]
+        assert answers[0].status_code == answers[1].status_code == 400, answers[0].text[:300]
+        assert answers[0].json() == answers[1].json()
+        assert answers[0].json()["error"]["code"] == "limit_exceeded"
