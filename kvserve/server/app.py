@@ -3,7 +3,9 @@
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /v1/stats
     GET /health                 GET /metrics
 
-With an API key, every ``/v1`` route needs ``Authorization: Bearer <key>``; ``/health`` and
+With API keys (``server.api_keys``), every ``/v1`` route needs ``Authorization: Bearer <key>``
+and the matching key's client name is ``request.state.client_name`` (None without keys), which
+the request's log line and ``kvserve:client_requests_total`` carry; ``/health`` and
 ``/metrics`` stay open for load balancers and scrapers. The app's lifespan starts the engine's
 step loop and stops it; ``begin_drain`` (called on SIGTERM) refuses new requests and gives the
 ones in flight a grace period before they are aborted.
@@ -12,7 +14,6 @@ ones in flight a grace period before they are aborted.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvserve.model.tokenizer import Tokenizer
+from kvserve.server.api_keys import ApiKeys
 from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
 from kvserve.server.errors import APIError, install_error_handlers
@@ -42,11 +44,18 @@ def build_app(
     metrics: Any = None,
     health_details: Callable[[], dict[str, Any]] | None = None,
     limits: ServerLimits | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """An app serving ``async_engine`` as ``model_name``; ``metrics`` is a ServerMetrics;
     ``health_details`` adds fields to ``/health``'s answer (the router's engines that are
-    down); ``limits`` bound every request (default: ``ServerLimits()``)."""
-    ctx = ServerContext(async_engine, tokenizer, model_name, api_key, metrics,
+    down); ``limits`` bound every request (default: ``ServerLimits()``). ``api_keys`` are the
+    clients' keys; ``api_key``, a single one, is short for ``ApiKeys.from_flags(api_key,
+    None)`` (give one or the other)."""
+    if api_key is not None:
+        if api_keys is not None:
+            raise ValueError("build_app takes api_key or api_keys, not both")
+        api_keys = ApiKeys.from_flags(api_key, None)
+    ctx = ServerContext(async_engine, tokenizer, model_name, api_keys, metrics,
                         limits or ServerLimits())
 
     @asynccontextmanager
@@ -81,7 +90,7 @@ def build_app(
 
 
 def _v1_router(ctx: ServerContext) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(ctx.api_key))])
+    router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(ctx.api_keys))])
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -109,20 +118,26 @@ def _v1_router(ctx: ServerContext) -> APIRouter:
     return router
 
 
-def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that refuses (401) a request without ``Bearer <api_key>``."""
+def api_key_check(api_keys: ApiKeys | None) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that refuses (401) a request without ``Bearer <key>`` of one of
+    ``api_keys``, and sets ``request.state.client_name`` to that key's name (None when the
+    server has no keys)."""
 
     async def check(request: Request) -> None:
-        if api_key is None:
+        request.state.client_name = None
+        if api_keys is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
+        name = api_keys.match(given)
+        if scheme.lower() != "bearer" or name is None:
             raise APIError(
                 HTTPStatus.UNAUTHORIZED,
-                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
+                "a key the server was given (--api-key or --api-key-file)",
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        request.state.client_name = name
 
     return check
 

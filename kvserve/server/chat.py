@@ -66,7 +66,7 @@ async def create_chat_completion(
     requests = choice_requests(
         ctx, body, prompts, response_id, "messages", logprobs, max_tokens_param
     )
-    streams = ctx.streams(requests)
+    streams = ctx.streams(requests, request)
     await streams.start()
     if body.stream:
         return event_stream(streams, _chunks(ctx, body, streams, response_id, prompts))

@@ -55,7 +55,7 @@ async def create_completion(
     prompts = await off_loop(_prompts, ctx, body.prompt)  # tokenized in a worker thread
     response_id = new_id("cmpl")
     requests = _engine_requests(ctx, body, prompts, response_id)
-    streams = ctx.streams(requests)
+    streams = ctx.streams(requests, request)
     await streams.start()
     if body.stream:
         return event_stream(streams, _chunks(ctx, body, streams, response_id, prompts))

@@ -3,9 +3,11 @@
 Two sources feed them:
 
 - **Finished requests** (``observe_finished``): histograms of time to first token, inter-token
-  latency (every gap), end-to-end latency and queue time, and the count of requests by finish
-  reason. Each histogram is observed only when its value exists: a request aborted before its
-  first token has no TTFT and no gaps.
+  latency (every gap), end-to-end latency and queue time, the count of requests by finish
+  reason, and by client (``client_requests_total{client}``: the names of the server's API
+  keys, and ``none`` for requests without one; a bounded set, known at start). Each histogram
+  is observed only when its value exists: a request aborted before its first token has no
+  TTFT and no gaps.
 - **The engine's stats** (``render(stats)``, the snapshot ``AsyncEngine.stats()`` returns):
   gauges of running and waiting requests and KV usage, and counters of prompt tokens,
   generation tokens, preemptions and prefix-cache queries and hits (in tokens). The engine's
@@ -29,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kvserve.outputs import RequestOutput
+from kvserve.server.api_keys import NO_CLIENT
 
 PREFIX = "kvserve:"
 
@@ -104,11 +107,13 @@ class ServerMetrics:
 
     Call ``observe_finished`` once per finished request, whatever its finish reason, and
     ``render`` with the engine's latest stats to answer a scrape. Thread-safe. With
-    ``model_name`` every metric carries a ``model_name`` label, as vLLM's do.
+    ``model_name`` every metric carries a ``model_name`` label, as vLLM's do. ``client_names``
+    are the API keys' names: the only values of the ``client`` label besides ``none``.
     """
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, model_name: str | None = None
+        self, registry: CollectorRegistry | None = None, model_name: str | None = None,
+        client_names: tuple[str, ...] = (),
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         label_names = ["model_name"] if model_name is not None else []
@@ -151,15 +156,28 @@ class ServerMetrics:
         )
         for reason in FINISH_REASONS:
             self.request_success.labels(**self._labels, finished_reason=reason)
+        self._clients = frozenset(client_names)
+        self.client_requests = Counter(
+            PREFIX + "client_requests",
+            "Finished requests by client: the name of the API key they came with "
+            f"(--api-key-file), or {NO_CLIENT!r} without one.",
+            [*label_names, "client"],
+            registry=self.registry,
+        )
+        for client in (*client_names, NO_CLIENT):
+            self.client_requests.labels(**self._labels, client=client)
 
-    def observe_finished(self, output: RequestOutput) -> None:
-        """Record one finished request; call it exactly once per request.
+    def observe_finished(self, output: RequestOutput, client_name: str | None = None) -> None:
+        """Record one finished request of ``client_name``; call it exactly once per request.
 
         An output that reaches here without a finish reason ended before the engine marked it
-        (its client went away), so it counts as ``abort``.
+        (its client went away), so it counts as ``abort``. A client name that is not one of
+        ``client_names`` counts as ``none``, so the label's values stay the known ones.
         """
         reason = output.finish_reason or "abort"
         self.request_success.labels(**self._labels, finished_reason=reason).inc()
+        client = client_name if client_name in self._clients else NO_CLIENT
+        self.client_requests.labels(**self._labels, client=client).inc()
         ttft = output.time_to_first_token
         if ttft is not None:
             self.time_to_first_token.observe(ttft)

@@ -1,10 +1,12 @@
 """One INFO line per finished request, in ``key=value`` form so it is easy to read and to grep.
 
-    request finished: id=chatcmpl-3 reason=stop prompt_tokens=42 cached_tokens=32
+    request finished: id=chatcmpl-3 client=alice reason=stop prompt_tokens=42 cached_tokens=32
     completion_tokens=17 queue_ms=0.4 ttft_ms=35.2 decode_tokens_per_s=48.1 e2e_ms=367.9
 
-(one line in the log). A timing that does not exist is ``-``: a request aborted before its first
-token has no TTFT and no decode rate, and one that produced a single token has no decode rate.
+(one line in the log). ``client`` is the name of the API key the request came with
+(``--api-key-file``; ``default`` for ``--api-key``). A value that does not exist is ``-``: the
+client of a server without keys, the TTFT and decode rate of a request aborted before its
+first token, the decode rate of one that produced a single token.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def decode_tokens_per_s(output: RequestOutput) -> float | None:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def format_finished(output: RequestOutput) -> str:
-    """The log line's text for one finished request."""
+def format_finished(output: RequestOutput, client_name: str | None = None) -> str:
+    """The log line's text for one finished request of the client ``client_name``."""
     e2e = None if output.finished_time is None else output.finished_time - output.arrival_time
     rate = decode_tokens_per_s(output)
     fields = {
         "id": output.request_id,
+        "client": client_name or MISSING,
         "reason": output.finish_reason or "abort",
         "prompt_tokens": len(output.prompt_token_ids),
         "cached_tokens": output.num_cached_tokens,
@@ -49,11 +52,13 @@ def format_finished(output: RequestOutput) -> str:
     return "request finished: " + " ".join(f"{key}={value}" for key, value in fields.items())
 
 
-def log_finished(output: RequestOutput, logger: logging.Logger | None = None) -> None:
+def log_finished(
+    output: RequestOutput, logger: logging.Logger | None = None, client_name: str | None = None
+) -> None:
     """Log one INFO line for a finished request (any finish reason; missing timings are ``-``).
 
     The default logger is ``kvserve.server.request_log``, so these lines can be silenced alone.
     """
     logger = logger or _logger
     if logger.isEnabledFor(logging.INFO):
-        logger.info("%s", format_finished(output))
+        logger.info("%s", format_finished(output, client_name))

@@ -23,6 +23,7 @@ from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server import sse
+from kvserve.server.api_keys import ApiKeys
 from kvserve.server.errors import (
     APIError,
     context_length_exceeded,
@@ -57,7 +58,7 @@ class ServerContext:
     engine: ServingEngine
     tokenizer: Tokenizer
     model_name: str
-    api_key: str | None = None
+    api_keys: ApiKeys | None = None
     metrics: Any = None  # a ServerMetrics, or None
     limits: ServerLimits = field(default_factory=ServerLimits)
     draining: bool = False  # set on SIGTERM: new requests get 503
@@ -84,13 +85,18 @@ class ServerContext:
                 type="server_error",
             )
 
-    def on_finished(self, output: RequestOutput) -> None:
+    def on_finished(self, output: RequestOutput, client_name: str | None = None) -> None:
         if self.metrics is not None:
-            self.metrics.observe_finished(output)
-        log_finished(output)
+            self.metrics.observe_finished(output, client_name)
+        log_finished(output, client_name=client_name)
 
-    def streams(self, requests: list[ChoiceRequest]) -> ChoiceStreams:
-        return ChoiceStreams(self.engine, requests, self.on_finished, lambda: self.draining)
+    def streams(self, requests: list[ChoiceRequest], request: Request) -> ChoiceStreams:
+        """The choices' streams; each finished one is logged and counted under the client
+        that ``request``'s API key names (``request.state.client_name``)."""
+        client_name = getattr(request.state, "client_name", None)
+        return ChoiceStreams(self.engine, requests,
+                             lambda output: self.on_finished(output, client_name),
+                             lambda: self.draining)
 
 
 @dataclass(frozen=True)
