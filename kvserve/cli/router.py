@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from kvserve.cli.auth_args import (
+    add_api_key_args,
+    add_kv_secret_args,
+    api_keys_from_args,
+    kv_secret_from_args,
+)
 from kvserve.cli.limit_args import add_limit_args, limits_from_args
 
 logger = logging.getLogger("kvserve")
@@ -31,8 +37,8 @@ def add_router_parser(commands: argparse._SubParsersAction) -> None:
     router.add_argument("--served-model-name", default=None, help="the name clients see")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
-    router.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every /v1 route")
+    add_api_key_args(router)
+    add_kv_secret_args(router, "sent on every /kv call; the engines' own")
     router.add_argument("--chat-template", default=None, metavar="FILE",
                         help="the Jinja chat template the engines were given (`kvserve serve "
                         "--chat-template`): the router renders chats itself")
@@ -57,12 +63,14 @@ def run_router(args: argparse.Namespace) -> int:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     chat_template = read_chat_template(args.chat_template) if args.chat_template else None
     limits = limits_from_args(args)
+    api_keys = api_keys_from_args(args)
+    kv_secret = kv_secret_from_args(args)
     tokenizer = load_tokenizer(resolve_model_source(args.model))
     if chat_template is not None:
         tokenizer.replace_chat_template(chat_template)
     name = args.served_model_name or args.model or EMBEDDED_NAME
-    app = build_router_app(Router(args.prefill, args.decode), tokenizer, name,
-                           api_key=args.api_key, limits=limits)
+    app = build_router_app(Router(args.prefill, args.decode, kv_secret=kv_secret), tokenizer,
+                           name, api_keys=api_keys, limits=limits)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                             timeout_graceful_shutdown=int(args.shutdown_timeout)
                             + UVICORN_EXTRA_GRACE_S)

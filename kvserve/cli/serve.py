@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvserve.cli.args import add_engine_args, engine_config_from_args
+from kvserve.cli.auth_args import (
+    add_api_key_args,
+    add_kv_secret_args,
+    api_keys_from_args,
+    kv_secret_from_args,
+)
 from kvserve.cli.limit_args import add_limit_args, limits_from_args
 from kvserve.model.embedded import EMBEDDED_NAME
 
@@ -21,6 +27,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from kvserve.config import KVRole
+    from kvserve.disagg.kv_secret import KVSecret
 
 logger = logging.getLogger("kvserve")
 
@@ -40,11 +47,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     group = serve.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on")
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
-    group.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on every /v1 route",
-    )
+    add_api_key_args(group)
     group.add_argument(
         "--max-queue",
         type=int,
@@ -82,6 +85,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                     help="how many prefill and decode engines there are")
     kv.add_argument("--kv-master", default="127.0.0.1:29500",
                     help="HOST:PORT where the engines meet (rank 0 listens there)")
+    add_kv_secret_args(kv, "with --role prefill|decode, every /kv route needs it (without it "
+                       "the engine listens on loopback only); with --disaggregated, the set's "
+                       "secret (default: a random one)")
     kv.add_argument("--disaggregated", action="store_true",
                     help="start prefill engines, decode engines and the router on this machine "
                     "(the router on --port, the engines on the ports after it)")
@@ -114,11 +120,18 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     limits = limits_from_args(args)
+    api_keys = api_keys_from_args(args)
+    kv_secret = kv_secret_from_args(args)
     kv_role = None
     if args.role != "colocated":
         if args.kv_rank is None or args.kv_world_size is None:
             raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
         kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master)
+        _warn_about_open_kv_routes(args.role, args.host, kv_secret)
+    elif kv_secret is not None:
+        raise ValueError("--kv-secret and --kv-secret-file protect the /kv routes of --role "
+                         "prefill|decode engines (or a --disaggregated set); this server has "
+                         "none: leave the flag out, or give --role")
     chat_template = read_chat_template(args.chat_template) if args.chat_template else None
     engine = AsyncEngine.in_process(
         engine_config_from_args(args), max_queue=args.max_queue, kv_role=kv_role
@@ -131,8 +144,9 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         engine,
         engine.tokenizer,
         model_name,
-        api_key=args.api_key,
-        metrics=ServerMetrics(model_name=model_name),
+        api_keys=api_keys,
+        metrics=ServerMetrics(model_name=model_name,
+                              client_names=api_keys.names if api_keys else ()),
         limits=limits,
     )
     import uvicorn
@@ -147,7 +161,7 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(args.shutdown_timeout) + UVICORN_EXTRA_GRACE_S,
     )
     if kv_role is not None:
-        _add_role(app, kv_role)
+        _add_role(app, kv_role, kv_secret)
     server = GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
 
     def engine_died(reason: str) -> None:
@@ -182,16 +196,31 @@ def read_chat_template(path: str) -> str:
     return template
 
 
-def _add_role(app: FastAPI, kv_role: KVRole) -> None:
-    """The role's internal /kv routes (kvserve.disagg.roles) and its transfer metrics."""
+def _warn_about_open_kv_routes(role: str, host: str, kv_secret: KVSecret | None) -> None:
+    """Refuse a non-loopback --host without a secret; warn on loopback that /kv is open."""
+    from kvserve.disagg.kv_secret import check_role_host
+
+    warning = check_role_host(role, host, kv_secret)
+    if warning is not None:
+        logger.warning("%s", warning)
+
+
+def _add_role(app: FastAPI, kv_role: KVRole, kv_secret: KVSecret | None) -> None:
+    """The role's internal /kv routes (kvserve.disagg.roles), every one behind the secret's
+    check (an APIRouter whose dependency is ``kv_secret_check``), and its transfer metrics."""
+    from fastapi import APIRouter, Depends
+
+    from kvserve.disagg.kv_secret import kv_secret_check
     from kvserve.disagg.metrics import KVTransferCollector, KVTransferStats
     from kvserve.disagg.roles import add_decode_routes, add_info_route, add_prefill_routes
 
     async_engine = app.state.ctx.engine
-    add_info_route(app, async_engine, kv_role.role)
+    guarded = APIRouter(dependencies=[Depends(kv_secret_check(kv_secret))])
+    add_info_route(guarded, async_engine, kv_role.role)
     stats = KVTransferStats()
     if kv_role.role == "prefill":
-        add_prefill_routes(app, async_engine, stats)
+        add_prefill_routes(guarded, async_engine, stats)
     else:
-        add_decode_routes(app, async_engine, kv_role.rank, stats)
+        add_decode_routes(guarded, async_engine, kv_role.rank, stats)
+    app.include_router(guarded)
     app.state.ctx.metrics.registry.register(KVTransferCollector(stats, kv_role.role))

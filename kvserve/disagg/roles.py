@@ -15,7 +15,9 @@ These routes run in the front end: each sends a typed operation to the engine co
 the work next to its KV cache (``disagg.core_ops``). A plan the decode engine never receives in
 full is cancelled after ``TRANSFER_TIMEOUT_S`` and its blocks freed; a failed prefill frees the
 prefill engine's blocks and answers 502. A body with a missing or malformed field is a 400
-naming the field (OpenAI's error shape).
+naming the field (OpenAI's error shape). The routes are added to ``app``, which
+``kvserve serve`` makes an APIRouter whose dependency checks the ``X-KV-Secret`` header on
+every one of them (``disagg.kv_secret``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from kvserve.server.errors import APIError, invalid_request
 _STATUS_OF_KIND = {"invalid": 400, "timeout": 504, "failed": 502}
 
 
-def add_info_route(app: FastAPI, engine: AsyncEngine, role: str) -> None:
+def add_info_route(app: FastAPI | APIRouter, engine: AsyncEngine, role: str) -> None:
     """``GET /kv/info``: the limits the router validates requests against, as this engine."""
 
     @app.get("/kv/info")
@@ -102,7 +104,7 @@ def _failure(error: CallFailedError) -> JSONResponse:
 
 
 def add_decode_routes(
-    app: FastAPI, engine: AsyncEngine, kv_rank: int, stats: KVTransferStats
+    app: FastAPI | APIRouter, engine: AsyncEngine, kv_rank: int, stats: KVTransferStats
 ) -> None:
     router = APIRouter(prefix="/kv")
     # what a reservation's request is, for the stream that continues it (front-end only)
@@ -173,7 +175,9 @@ async def _json_lines(deltas: AsyncIterator) -> AsyncIterator[bytes]:
         yield (json.dumps(delta_json(delta)) + "\n").encode()
 
 
-def add_prefill_routes(app: FastAPI, engine: AsyncEngine, stats: KVTransferStats) -> None:
+def add_prefill_routes(
+    app: FastAPI | APIRouter, engine: AsyncEngine, stats: KVTransferStats
+) -> None:
     router = APIRouter(prefix="/kv")
 
     @router.post("/prefill")

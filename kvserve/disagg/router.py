@@ -4,8 +4,10 @@ For each request ``Router`` picks a decode engine and a prefill engine (round ro
 decode engine reserve blocks, the prefill engine compute and stream the KV (and sample the first
 token), then streams the decode engine's deltas. A decode engine that cannot be reached is
 reported and skipped by later requests; a failed or abandoned prefill cancels the decode
-engine's reservation. The OpenAI side (``disagg.remote_engine``, ``disagg.router_app``) is the
-colocated server's own app over these calls.
+engine's reservation. With a ``KVSecret`` every call carries its ``X-KV-Secret`` header; an
+engine that refuses it (401) is a 502 to the client (the client's own key was fine) naming
+``--kv-secret``, and at start an error. The OpenAI side (``disagg.remote_engine``,
+``disagg.router_app``) is the colocated server's own app over these calls.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry, Histogram
 
+from kvserve.disagg.kv_secret import KVSecret
 from kvserve.disagg.wire import sampled_token_from, sampled_token_json
 from kvserve.server.errors import APIError
 from kvserve.step_output import SampledToken
@@ -35,6 +38,14 @@ def error_message(reply: httpx.Response) -> str:
     except ValueError:
         return reply.text
     return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+
+
+def refused_secret(url: str, reply: httpx.Response) -> str | None:
+    """What to say when the engine at ``url`` refused the router's KV secret (401), else None."""
+    if reply.status_code != HTTPStatus.UNAUTHORIZED:
+        return None
+    return (f"engine {url} refused the router's KV secret ({error_message(reply)}); give "
+            "`kvserve router` the engines' --kv-secret or --kv-secret-file")
 
 
 class RouterError(APIError):
@@ -54,7 +65,7 @@ class Router:
 
     def __init__(
         self, prefill_urls: list[str], decode_urls: list[str],
-        registry: CollectorRegistry | None = None,
+        registry: CollectorRegistry | None = None, kv_secret: KVSecret | None = None,
     ) -> None:
         if not prefill_urls or not decode_urls:
             raise ValueError("a router needs at least one --prefill and one --decode URL")
@@ -63,7 +74,9 @@ class Router:
         self.down: dict[str, float] = {}  # decode url -> when it was last found unreachable
         self._prefill_turn = itertools.cycle(range(len(self.prefill_urls)))
         self._decode_turn = itertools.cycle(range(len(self.decode_urls)))
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        self.headers = kv_secret.header if kv_secret is not None else {}
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                        headers=self.headers)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.phase_seconds = Histogram(
             "kvserve:router_phase_seconds",
@@ -96,10 +109,12 @@ class Router:
         for url in [*self.prefill_urls, *self.decode_urls]:
             while True:
                 try:
-                    reply = httpx.get(f"{url}/kv/info", timeout=5.0)
+                    reply = httpx.get(f"{url}/kv/info", timeout=5.0, headers=self.headers)
                     if reply.status_code == 200:
                         infos.append(reply.json())
                         break
+                    if (refused := refused_secret(url, reply)) is not None:
+                        raise RuntimeError(refused)
                     problem = f"answered {reply.status_code}: {error_message(reply)}"
                 except httpx.TransportError as error:
                     problem = f"is unreachable: {error}"
@@ -127,6 +142,8 @@ class Router:
         except httpx.TransportError as error:
             self.mark_down(decode)
             raise RouterError(502, f"decode engine {decode} is unreachable: {error}") from error
+        if (refused := refused_secret(decode, reply)) is not None:
+            raise RouterError(502, refused)
         if reply.status_code != 200:
             raise RouterError(reply.status_code if reply.status_code < 500 else 502,
                               error_message(reply))
@@ -161,7 +178,8 @@ class Router:
             done = await self.client.post(f"{prefill}/kv/prefill",
                                           json={**plan, "prompt_token_ids": prompt_ids,
                                                 "sampling": sampling})
-            failed = None if done.status_code == 200 else error_message(done)
+            failed = None if done.status_code == 200 else (
+                refused_secret(prefill, done) or error_message(done))
             if done.status_code == HTTPStatus.BAD_REQUEST:
                 status = HTTPStatus.BAD_REQUEST
         except httpx.TransportError as error:

@@ -1,7 +1,8 @@
 """A disaggregated set as real processes on 127.0.0.1: a prefill engine (KV rank 0), a decode
 engine (rank 1, gloo between them) and the router in front, each a ``python -m
 kvserve.cli.main`` subprocess with its log in a file; started, waited for, stopped by
-SIGTERM."""
+SIGTERM. The three share ``KV_SECRET`` (``--kv-secret-file``, a 0600 file next to the logs), so
+a test that calls an engine's ``/kv`` routes itself sends ``KV_HEADERS``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from pathlib import Path
 
 import httpx
 
+from kvserve.disagg.kv_secret import KV_SECRET_HEADER
 from tests.server.server_process import ENGINE_ARGS, STARTUP_TIMEOUT_S, free_port
+
+KV_SECRET = "the-test-sets-kv-secret-0123456789"
+KV_HEADERS = {KV_SECRET_HEADER: KV_SECRET}
 
 
 def launch(log_path: Path, *args: str) -> subprocess.Popen:
@@ -40,8 +45,17 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_set(logs: Path) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Popen]]]:
-    """Prefill (rank 0), decode (rank 1) and the router, stopped by SIGTERM at the end."""
+def running_set(
+    logs: Path, kv_secret: str | None = KV_SECRET
+) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Popen]]]:
+    """Prefill (rank 0), decode (rank 1) and the router, all given ``kv_secret`` (none if
+    None), stopped by SIGTERM at the end."""
+    secret = []
+    if kv_secret is not None:
+        secret_path = logs / "kv-secret"
+        secret_path.write_text(kv_secret + "\n")
+        secret_path.chmod(0o600)
+        secret = ["--kv-secret-file", str(secret_path)]
     master = f"127.0.0.1:{free_port()}"
     ports = {role: free_port() for role in ("prefill", "decode", "router")}
     urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
@@ -50,14 +64,14 @@ def running_set(logs: Path) -> Iterator[tuple[dict[str, str], dict[str, subproce
         processes[role] = launch(
             logs / f"{role}.log", "serve", "--role", role, "--kv-rank", str(rank),
             "--kv-world-size", "2", "--kv-master", master, "--port", str(ports[role]),
-            *ENGINE_ARGS,
+            *ENGINE_ARGS, *secret,
         )
     try:
         for role in ("prefill", "decode"):
             wait_healthy(urls[role], processes[role], logs / f"{role}.log")
         processes["router"] = launch(
             logs / "router.log", "router", "--prefill", urls["prefill"], "--decode",
-            urls["decode"], "--port", str(ports["router"]),
+            urls["decode"], "--port", str(ports["router"]), *secret,
         )
         wait_healthy(urls["router"], processes["router"], logs / "router.log")
         yield urls, processes

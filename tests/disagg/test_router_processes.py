@@ -14,7 +14,7 @@ import pytest
 
 from kvserve.engine.llm import LLM
 from kvserve.sampling_params import SamplingParams
-from tests.disagg.router_set import running_set
+from tests.disagg.router_set import KV_HEADERS, running_set
 
 PROMPTS = [[300 + (29 * i) % 800 for i in range(n)] for n in (7, 16, 45)]
 MAX_TOKENS = 8
@@ -32,7 +32,7 @@ def expected(colocated: LLM) -> list[str]:
 
 
 def kv_stats(url: str) -> dict:
-    return httpx.get(url + "/kv/stats", timeout=10).json()
+    return httpx.get(url + "/kv/stats", headers=KV_HEADERS, timeout=10).json()
 
 
 def completion(url: str, prompt: list[int], stream: bool = False) -> httpx.Response:
@@ -155,20 +155,22 @@ def test_bad_input_gets_a_clear_error_and_leaks_nothing(disaggregated) -> None:
         assert reply.status_code == 400, reply.text
         assert text in reply.json()["error"]["message"]
     decode, prefill = disaggregated["decode"], disaggregated["prefill"]
-    reply = httpx.post(decode + "/kv/reserve", json={"prompt_token_ids": "abc"}, timeout=10)
+    reply = httpx.post(decode + "/kv/reserve", json={"prompt_token_ids": "abc"},
+                       headers=KV_HEADERS, timeout=10)
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "prompt_token_ids"
     reply = httpx.post(decode + "/kv/continue", json={"transfer_id": "nope",
                                                       "first_token": {"token_id": 1}},
-                       timeout=10)
+                       headers=KV_HEADERS, timeout=10)
     assert reply.status_code == 404
     assert reply.json()["error"]["param"] == "transfer_id"
     own_rank = {"prompt_token_ids": [5, 6], "transfer_id": "t", "num_tokens": 2,
                 "skip_tokens": 0, "kv_rank": 0}
-    reply = httpx.post(prefill + "/kv/prefill", json=own_rank, timeout=10)
+    reply = httpx.post(prefill + "/kv/prefill", json=own_rank, headers=KV_HEADERS, timeout=10)
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "kv_rank"
-    reply = httpx.post(prefill + "/kv/prefill", json={**own_rank, "num_tokens": 3}, timeout=10)
+    reply = httpx.post(prefill + "/kv/prefill", json={**own_rank, "num_tokens": 3},
+                       headers=KV_HEADERS, timeout=10)
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "num_tokens"
     for role in ("prefill", "decode"):
