@@ -106,10 +106,12 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
         serve_argv = argv or []
         serve_argv = serve_argv[serve_argv.index("serve") + 1 :] if "serve" in serve_argv else []
-        return launcher.run(launcher.commands(
-            serve_argv, args.host, args.port, args.prefill_devices, args.decode_devices,
-            launcher.free_port(args.host),
-        ))
+        api_keys_from_args(args)  # a bad --api-key-file is an error here, not in each process
+        with launcher.secret_file(kv_secret_from_args(args)) as secret_path:
+            return launcher.run(launcher.commands(
+                serve_argv, args.host, args.port, args.prefill_devices, args.decode_devices,
+                launcher.free_port(args.host), secret_path,
+            ))
     from kvserve.config import KVRole
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.server.app import begin_drain, build_app

@@ -4,19 +4,34 @@ Starts one prefill engine per ``--prefill-devices`` entry and one decode engine 
 ``--decode-devices`` entry (each a ``kvserve serve --role ...`` process with the same engine
 options, on the ports after ``--port``), then the router on ``--port``. SIGTERM or Ctrl-C stops
 them all; if any of them exits, the others are stopped too.
+
+The set shares a KV secret (``disagg.kv_secret``): ``--kv-secret``/``--kv-secret-file`` if
+given, else a random ``secrets.token_urlsafe(32)``. It reaches every process as
+``--kv-secret-file PATH``, a file of mode 0600 in a directory of mode 0700 of its own
+(``secret_file``), removed when the set stops. A file rather than an environment variable:
+the command lines in ``ps`` show only its path, it goes to the processes that ask for it and
+to nothing else they start (an environment is inherited by every child, and is dumped by
+tools that print it), and the processes read it through the flag they already have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
+from kvserve.disagg.kv_secret import KVSecret
 from kvserve.server.limits import ServerLimits, flag
 
 logger = logging.getLogger("kvserve")
@@ -24,7 +39,7 @@ STOP_TIMEOUT_S = 60
 # flags of the launcher itself, with how many values each takes (None: one or more)
 OWN_FLAGS = {"--disaggregated": 0, "--prefill-devices": None, "--decode-devices": None,
              "--port": 1, "--host": 1, "--device": 1, "--role": 1, "--kv-rank": 1,
-             "--kv-world-size": 1, "--kv-master": 1}
+             "--kv-world-size": 1, "--kv-master": 1, "--kv-secret": 1, "--kv-secret-file": 1}
 
 
 def engine_argv(argv: list[str]) -> list[str]:
@@ -50,16 +65,32 @@ def engine_argv(argv: list[str]) -> list[str]:
 
 
 # serve's flags that the router takes too: the tokenizer and chat template it renders prompts
-# with, the name clients see, the key they send, and the drain time
+# with, the name clients see, the keys they send, and the drain time
 ROUTER_FLAGS = ("--model", "--chat-template", "--served-model-name", "--api-key",
-                "--shutdown-timeout", *(flag(f.name) for f in dataclasses.fields(ServerLimits)))
+                "--api-key-file", "--shutdown-timeout",
+                *(flag(f.name) for f in dataclasses.fields(ServerLimits)))
+
+
+@contextlib.contextmanager
+def secret_file(secret: KVSecret | None) -> Iterator[Path]:
+    """A file holding ``secret`` (a random one if None), mode 0600 in a new directory of mode
+    0700; both are removed at the end."""
+    value = secret.value if secret is not None else secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory(prefix="kvserve-set-") as directory:  # mode 0700
+        path = Path(directory) / "kv-secret"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(value + "\n")
+        yield path
 
 
 def commands(
     argv: list[str], host: str, port: int, prefill_devices: list[str],
-    decode_devices: list[str], master_port: int,
+    decode_devices: list[str], master_port: int, kv_secret_file: Path | None = None,
 ) -> list[list[str]]:
-    """The engines' commands (prefill ranks first), then the router's."""
+    """The engines' commands (prefill ranks first), then the router's; each gets
+    ``--kv-secret-file kv_secret_file`` when one is given."""
+    secret = ["--kv-secret-file", str(kv_secret_file)] if kv_secret_file is not None else []
     base = [sys.executable, "-m", "kvserve.cli.main"]
     shared = engine_argv(argv)
     world = len(prefill_devices) + len(decode_devices)
@@ -70,9 +101,9 @@ def commands(
         urls[role].append(f"http://{host}:{engine_port}")
         result.append([*base, "serve", *shared, "--role", role, "--kv-rank", str(rank),
                        "--kv-world-size", str(world), "--kv-master", f"{host}:{master_port}",
-                       "--host", host, "--port", str(engine_port), "--device", device])
+                       "--host", host, "--port", str(engine_port), "--device", device, *secret])
     router = [*base, "router", "--host", host, "--port", str(port),
-              "--prefill", *urls["prefill"], "--decode", *urls["decode"]]
+              "--prefill", *urls["prefill"], "--decode", *urls["decode"], *secret]
     for name in ROUTER_FLAGS:  # what the router needs to answer as the engines would
         value = _value_of(shared, name)
         if value is not None:
