@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 from kvserve.cli.args import add_engine_args, engine_config_from_args
 from kvserve.cli.limit_args import add_limit_args, limits_from_args
+from kvserve.config import KVRole
 from kvserve.model.embedded import EMBEDDED_NAME
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-
-    from kvserve.config import KVRole
 
 logger = logging.getLogger("kvserve")
 
@@ -82,6 +81,15 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                     help="how many prefill and decode engines there are")
     kv.add_argument("--kv-master", default="127.0.0.1:29500",
                     help="HOST:PORT where the engines meet (rank 0 listens there)")
+    kv.add_argument("--kv-transfer-timeout", type=float, default=KVRole.transfer_timeout_s,
+                    metavar="SECONDS",
+                    help="a prefill engine frees the blocks of KV the decode engine does not "
+                    "take in this time; a decode engine cancels a transfer it was asked to "
+                    "admit that does not arrive in it (default 30)")
+    kv.add_argument("--kv-reservation-lease", type=float,
+                    default=KVRole.reservation_lease_s, metavar="SECONDS",
+                    help="a decode engine frees a reservation whose request nobody asked it "
+                    "to admit in this time (the router or the prefill went away; default 60)")
     kv.add_argument("--disaggregated", action="store_true",
                     help="start prefill engines, decode engines and the router on this machine "
                     "(the router on --port, the engines on the ports after it)")
@@ -104,7 +112,6 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             serve_argv, args.host, args.port, args.prefill_devices, args.decode_devices,
             launcher.free_port(args.host),
         ))
-    from kvserve.config import KVRole
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.server.app import begin_drain, build_app
     from kvserve.server.metrics import ServerMetrics
@@ -118,7 +125,8 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.role != "colocated":
         if args.kv_rank is None or args.kv_world_size is None:
             raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
-        kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master)
+        kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master,
+                         args.kv_transfer_timeout, args.kv_reservation_lease)
     chat_template = read_chat_template(args.chat_template) if args.chat_template else None
     engine = AsyncEngine.in_process(
         engine_config_from_args(args), max_queue=args.max_queue, kv_role=kv_role
@@ -193,5 +201,5 @@ def _add_role(app: FastAPI, kv_role: KVRole) -> None:
     if kv_role.role == "prefill":
         add_prefill_routes(app, async_engine, stats)
     else:
-        add_decode_routes(app, async_engine, kv_role.rank, stats)
+        add_decode_routes(app, async_engine, kv_role.rank, stats, kv_role.reservation_lease_s)
     app.state.ctx.metrics.registry.register(KVTransferCollector(stats, kv_role.role))
