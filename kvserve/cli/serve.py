@@ -90,6 +90,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                     default=KVRole.reservation_lease_s, metavar="SECONDS",
                     help="a decode engine frees a reservation whose request nobody asked it "
                     "to admit in this time (the router or the prefill went away; default 60)")
+    kv.add_argument("--engine-timeout", type=float, default=None, metavar="SECONDS",
+                    help="with --disaggregated: the router's --engine-timeout (default 120)")
     kv.add_argument("--disaggregated", action="store_true",
                     help="start prefill engines, decode engines and the router on this machine "
                     "(the router on --port, the engines on the ports after it)")

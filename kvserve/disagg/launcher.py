@@ -50,9 +50,11 @@ def engine_argv(argv: list[str]) -> list[str]:
 
 
 # serve's flags that the router takes too: the tokenizer and chat template it renders prompts
-# with, the name clients see, the key they send, and the drain time
+# with, the name clients see, the key they send, the drain time, and how long it waits for an
+# engine
 ROUTER_FLAGS = ("--model", "--chat-template", "--served-model-name", "--api-key",
-                "--shutdown-timeout", *(flag(f.name) for f in dataclasses.fields(ServerLimits)))
+                "--shutdown-timeout", "--engine-timeout",
+                *(flag(f.name) for f in dataclasses.fields(ServerLimits)))
 
 
 def commands(
