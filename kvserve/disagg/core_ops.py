@@ -176,6 +176,7 @@ class DecodeOps(_PendingCalls):
         self.transfer_timeout_s = transfer_timeout_s
         self.reservation_lease_s = reservation_lease_s
         self._reserved_at: dict[str, float] = {}
+        self._lease_ran_out = False  # since take_changed: a lease freed blocks
 
     # ``busy`` (the base's) counts only admissions that wait for KV: a reservation's lease is
     # checked on every turn of the loop, and an idle loop turns twice a second, soon enough for
@@ -217,7 +218,12 @@ class DecodeOps(_PendingCalls):
             if transfer_id not in waiting and now - reserved > self.reservation_lease_s:
                 self.loader.cancel(transfer_id)  # nobody asked for it: its lease ran out
                 del self._reserved_at[transfer_id]
+                self._lease_ran_out = True
         return results
+
+    def take_changed(self) -> bool:
+        changed, self._lease_ran_out = self._lease_ran_out, False
+        return changed
 
     def _check(self, call_id: int, pending: _PendingAdmission, now: float) -> CallResult | None:
         transfer_id = pending.op.transfer_id
