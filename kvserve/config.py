@@ -130,7 +130,18 @@ class KVRole:
     rank: int
     world_size: int
     master: str  # HOST:PORT
+    # --kv-transfer-timeout: how long a prefill engine holds blocks whose KV the decode engine
+    # does not take, and a decode engine waits for a transfer it was asked to admit
+    transfer_timeout_s: float = 30.0
+    # --kv-reservation-lease: how long a decode engine keeps a reservation nobody asked to admit
+    reservation_lease_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"KV role must be prefill or decode, got {self.role!r}")
+        if not self.transfer_timeout_s > 0:
+            raise ValueError(f"--kv-transfer-timeout must be > 0 seconds, got "
+                             f"{self.transfer_timeout_s}")
+        if not self.reservation_lease_s > 0:
+            raise ValueError(f"--kv-reservation-lease must be > 0 seconds, got "
+                             f"{self.reservation_lease_s}")

@@ -9,11 +9,15 @@ Request lines: ``{"type": "request", "request_id", "time", "queue_s", "prefill_s
 "decode_s", "ttft_s", "prompt_tokens", "cached_tokens", "output_tokens", "finish_reason"}``:
 queue is arrival to first scheduled, prefill is first scheduled to first token, decode is first
 token to the last.
+
+A write that fails (the disk is full, the file system went away) stops the trace: one warning
+names the file and the error, and the engine goes on serving without it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -21,6 +25,8 @@ from typing import IO
 
 from kvserve.core.scheduler import Scheduler, SchedulerOutput
 from kvserve.outputs import RequestOutput
+
+logger = logging.getLogger("kvserve")
 
 
 def split_tokens(step: SchedulerOutput, scheduler: Scheduler) -> tuple[int, int]:
@@ -37,11 +43,15 @@ def split_tokens(step: SchedulerOutput, scheduler: Scheduler) -> tuple[int, int]
 
 
 class StepTrace:
-    """Writes the trace to ``path`` as the engine runs (line-buffered, thread-safe)."""
+    """Writes the trace to ``path`` as the engine runs (line-buffered, thread-safe). The first
+    write that fails closes the file and ends the trace (``failed`` says why); the step that
+    wrote it goes on."""
 
     def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         # Open for the engine's lifetime, closed by close().
-        self._file: IO[str] = Path(path).open("w", buffering=1)  # noqa: SIM115
+        self._file: IO[str] = self.path.open("w", buffering=1)  # noqa: SIM115
+        self.failed: OSError | None = None
         self._lock = threading.Lock()
         self._start = time.perf_counter()
         self._steps = 0
@@ -79,9 +89,25 @@ class StepTrace:
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            self._close_quietly()
 
     def _write(self, line: dict) -> None:
         with self._lock:
-            if not self._file.closed:
+            if self._file.closed:
+                return
+            try:
                 self._file.write(json.dumps(line) + "\n")
+            except OSError as error:
+                self.failed = error
+                logger.warning("tracing stopped: writing the trace to %s failed (%s); the "
+                               "engine goes on without it", self.path, error)
+                self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        """Close the file; a failure to flush its last bytes was or will be reported once."""
+        try:
+            self._file.close()
+        except OSError as error:
+            if self.failed is None:
+                self.failed = error
+                logger.warning("the end of the trace %s was lost (%s)", self.path, error)

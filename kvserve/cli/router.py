@@ -12,6 +12,7 @@ from kvserve.cli.auth_args import (
     kv_secret_from_args,
 )
 from kvserve.cli.limit_args import add_limit_args, limits_from_args
+from kvserve.disagg.router import ENGINE_TIMEOUT_S
 
 logger = logging.getLogger("kvserve")
 
@@ -44,6 +45,12 @@ def add_router_parser(commands: argparse._SubParsersAction) -> None:
                         "--chat-template`): the router renders chats itself")
     router.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGTERM")
+    router.add_argument("--engine-timeout", type=float, default=ENGINE_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="the longest the router waits for an engine's answer or its next "
+                        "streamed line; past it the request fails with a 502 naming the "
+                        "engine, which is skipped for a while (default 120: above the "
+                        "engines' --kv-transfer-timeout)")
     add_limit_args(router)
 
 
@@ -69,8 +76,9 @@ def run_router(args: argparse.Namespace) -> int:
     if chat_template is not None:
         tokenizer.replace_chat_template(chat_template)
     name = args.served_model_name or args.model or EMBEDDED_NAME
-    app = build_router_app(Router(args.prefill, args.decode, kv_secret=kv_secret), tokenizer,
-                           name, api_keys=api_keys, limits=limits)
+    router = Router(args.prefill, args.decode, kv_secret=kv_secret,
+                    engine_timeout_s=args.engine_timeout)
+    app = build_router_app(router, tokenizer, name, api_keys=api_keys, limits=limits)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                             timeout_graceful_shutdown=int(args.shutdown_timeout)
                             + UVICORN_EXTRA_GRACE_S)

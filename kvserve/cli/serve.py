@@ -21,12 +21,12 @@ from kvserve.cli.auth_args import (
     kv_secret_from_args,
 )
 from kvserve.cli.limit_args import add_limit_args, limits_from_args
+from kvserve.config import KVRole
 from kvserve.model.embedded import EMBEDDED_NAME
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from kvserve.config import KVRole
     from kvserve.disagg.kv_secret import KVSecret
 
 logger = logging.getLogger("kvserve")
@@ -88,6 +88,17 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     add_kv_secret_args(kv, "with --role prefill|decode, every /kv route needs it (without it "
                        "the engine listens on loopback only); with --disaggregated, the set's "
                        "secret (default: a random one)")
+    kv.add_argument("--kv-transfer-timeout", type=float, default=KVRole.transfer_timeout_s,
+                    metavar="SECONDS",
+                    help="a prefill engine frees the blocks of KV the decode engine does not "
+                    "take in this time; a decode engine cancels a transfer it was asked to "
+                    "admit that does not arrive in it (default 30)")
+    kv.add_argument("--kv-reservation-lease", type=float,
+                    default=KVRole.reservation_lease_s, metavar="SECONDS",
+                    help="a decode engine frees a reservation whose request nobody asked it "
+                    "to admit in this time (the router or the prefill went away; default 60)")
+    kv.add_argument("--engine-timeout", type=float, default=None, metavar="SECONDS",
+                    help="with --disaggregated: the router's --engine-timeout (default 120)")
     kv.add_argument("--disaggregated", action="store_true",
                     help="start prefill engines, decode engines and the router on this machine "
                     "(the router on --port, the engines on the ports after it)")
@@ -112,7 +123,6 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 serve_argv, args.host, args.port, args.prefill_devices, args.decode_devices,
                 launcher.free_port(args.host), secret_path,
             ))
-    from kvserve.config import KVRole
     from kvserve.engine.async_engine import AsyncEngine
     from kvserve.server.app import begin_drain, build_app
     from kvserve.server.metrics import ServerMetrics
@@ -128,7 +138,8 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.role != "colocated":
         if args.kv_rank is None or args.kv_world_size is None:
             raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
-        kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master)
+        kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master,
+                         args.kv_transfer_timeout, args.kv_reservation_lease)
         _warn_about_open_kv_routes(args.role, args.host, kv_secret)
     elif kv_secret is not None:
         raise ValueError("--kv-secret and --kv-secret-file protect the /kv routes of --role "
@@ -223,6 +234,6 @@ def _add_role(app: FastAPI, kv_role: KVRole, kv_secret: KVSecret | None) -> None
     if kv_role.role == "prefill":
         add_prefill_routes(guarded, async_engine, stats)
     else:
-        add_decode_routes(guarded, async_engine, kv_role.rank, stats)
+        add_decode_routes(guarded, async_engine, kv_role.rank, stats, kv_role.reservation_lease_s)
     app.include_router(guarded)
     app.state.ctx.metrics.registry.register(KVTransferCollector(stats, kv_role.role))

@@ -4,9 +4,10 @@ until they answer. They live in the engine process, next to the KV cache and the
 the front end only sends the typed messages (``disagg.roles``).
 
 Every held block has a lease: a prefill whose KV the decode engine does not take within
-``TRANSFER_TIMEOUT_S`` frees its blocks and answers "timeout"; a decode reservation whose KV
-does not arrive within that time after admission was asked for is cancelled, and one never
-asked for is cancelled after ``RESERVATION_LEASE_S``.
+``KVRole.transfer_timeout_s`` (``--kv-transfer-timeout``) frees its blocks and answers
+"timeout"; a decode reservation whose KV does not arrive within that time after admission was
+asked for is cancelled, and one never asked for is cancelled after
+``KVRole.reservation_lease_s`` (``--kv-reservation-lease``).
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ from kvserve.engine.messages import (
     ReservedKV,
     ReserveKV,
 )
-
-TRANSFER_TIMEOUT_S = 30.0
-RESERVATION_LEASE_S = 60.0
 
 
 def _invalid(call_id: int, error: Exception, param: str | None = None) -> CallResult:
@@ -93,12 +91,14 @@ class PrefillOps(_PendingCalls):
     """A prefill engine's PrefillAndSend: prefill with held blocks, send, then free."""
 
     def __init__(
-        self, core: EngineCore, saver: KVSaver, sender_for: Callable[[int], KVTransport]
+        self, core: EngineCore, saver: KVSaver, sender_for: Callable[[int], KVTransport],
+        transfer_timeout_s: float = KVRole.transfer_timeout_s,
     ) -> None:
         super().__init__()
         self.core = core
         self.saver = saver
         self.sender_for = sender_for
+        self.transfer_timeout_s = transfer_timeout_s
 
     def submit(self, call_id: int, op: CoreOp) -> None:
         if isinstance(op, GetKVBytes):
@@ -149,9 +149,10 @@ class PrefillOps(_PendingCalls):
         if flushed:
             first = self.core.first_token_of_held(request)
             return CallResult(call_id, PrefilledKV(first, self.saver.sent_bytes))
-        if now - pending.finished > TRANSFER_TIMEOUT_S:
+        if now - pending.finished > self.transfer_timeout_s:
             return CallResult(call_id, error="the decode engine did not take the KV within "
-                              f"{TRANSFER_TIMEOUT_S:g} s", error_kind="timeout")
+                              f"{self.transfer_timeout_s:g} s (--kv-transfer-timeout)",
+                              error_kind="timeout")
         return None
 
 
@@ -164,15 +165,22 @@ class _PendingAdmission:
 class DecodeOps(_PendingCalls):
     """A decode engine's ReserveKV, AdmitWithKV and CancelKV."""
 
-    def __init__(self, core: EngineCore, loader: KVLoader) -> None:
+    def __init__(
+        self, core: EngineCore, loader: KVLoader,
+        transfer_timeout_s: float = KVRole.transfer_timeout_s,
+        reservation_lease_s: float = KVRole.reservation_lease_s,
+    ) -> None:
         super().__init__()
         self.core = core
         self.loader = loader
+        self.transfer_timeout_s = transfer_timeout_s
+        self.reservation_lease_s = reservation_lease_s
         self._reserved_at: dict[str, float] = {}
+        self._lease_ran_out = False  # since take_changed: a lease freed blocks
 
     # ``busy`` (the base's) counts only admissions that wait for KV: a reservation's lease is
     # checked on every turn of the loop, and an idle loop turns twice a second, soon enough for
-    # a 60 s lease without waking the loop every millisecond.
+    # a lease of seconds without waking the loop every millisecond.
 
     def submit(self, call_id: int, op: CoreOp) -> None:
         if isinstance(op, ReserveKV):
@@ -207,10 +215,15 @@ class DecodeOps(_PendingCalls):
         now = time.monotonic()
         waiting = {p.op.transfer_id for p in self._pending.values()}
         for transfer_id, reserved in list(self._reserved_at.items()):
-            if transfer_id not in waiting and now - reserved > RESERVATION_LEASE_S:
+            if transfer_id not in waiting and now - reserved > self.reservation_lease_s:
                 self.loader.cancel(transfer_id)  # nobody asked for it: its lease ran out
                 del self._reserved_at[transfer_id]
+                self._lease_ran_out = True
         return results
+
+    def take_changed(self) -> bool:
+        changed, self._lease_ran_out = self._lease_ran_out, False
+        return changed
 
     def _check(self, call_id: int, pending: _PendingAdmission, now: float) -> CallResult | None:
         transfer_id = pending.op.transfer_id
@@ -222,10 +235,11 @@ class DecodeOps(_PendingCalls):
             reserved = self._reserved_at.pop(transfer_id, pending.asked)
             return CallResult(call_id, AdmittedKV(now - pending.asked, now - reserved,
                                                   self.loader.received_bytes))
-        if now - pending.asked > TRANSFER_TIMEOUT_S:
+        if now - pending.asked > self.transfer_timeout_s:
             self.loader.cancel(transfer_id)
             self._reserved_at.pop(transfer_id, None)
-            return CallResult(call_id, error=f"KV of {transfer_id!r} did not arrive",
+            return CallResult(call_id, error=f"KV of {transfer_id!r} did not arrive within "
+                              f"{self.transfer_timeout_s:g} s (--kv-transfer-timeout)",
                               error_kind="timeout")
         return None
 
@@ -239,8 +253,10 @@ def build_kv_core(config: EngineConfig, kv_role: KVRole) -> tuple[EngineCore, Co
     if kv_role.role == "prefill":
         endpoint = PrefillEndpoint()
         core, _ = build_engine(config, kv_connector=endpoint.saver)
-        return core, PrefillOps(core, endpoint.saver, endpoint.sender_for)
+        return core, PrefillOps(core, endpoint.saver, endpoint.sender_for,
+                                kv_role.transfer_timeout_s)
     core, _ = build_engine(config)
     loader = KVLoader(core)
     decode_receiver(loader)  # runs on its own thread for the engine's lifetime
-    return core, DecodeOps(core, loader)
+    return core, DecodeOps(core, loader, kv_role.transfer_timeout_s,
+                           kv_role.reservation_lease_s)

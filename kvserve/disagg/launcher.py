@@ -65,9 +65,10 @@ def engine_argv(argv: list[str]) -> list[str]:
 
 
 # serve's flags that the router takes too: the tokenizer and chat template it renders prompts
-# with, the name clients see, the keys they send, and the drain time
+# with, the name clients see, the keys they send, the drain time, and how long it waits for
+# an engine
 ROUTER_FLAGS = ("--model", "--chat-template", "--served-model-name", "--api-key",
-                "--api-key-file", "--shutdown-timeout",
+                "--api-key-file", "--shutdown-timeout", "--engine-timeout",
                 *(flag(f.name) for f in dataclasses.fields(ServerLimits)))
 
 

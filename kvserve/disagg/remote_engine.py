@@ -86,7 +86,9 @@ class DisaggregatedEngine:
                 "num_waiting": len(self._flights) - decoding}
 
     def health(self) -> dict[str, list[str]]:
-        return {"decode_down": sorted(self.router.down)}
+        """The engines found down, by role (``/health`` shows them)."""
+        return {"decode_down": self.router.down_of(self.router.decode_urls),
+                "prefill_down": self.router.down_of(self.router.prefill_urls)}
 
     def validate(self, prompt_token_ids: list[int]) -> None:
         validate_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)

@@ -13,7 +13,7 @@ The router drives a request through them in three calls:
 These routes run in the front end: each sends a typed operation to the engine core
 (``engine.messages``: ReserveKV, PrefillAndSend, AdmitWithKV, CancelKV, GetKVBytes), which does
 the work next to its KV cache (``disagg.core_ops``). A plan the decode engine never receives in
-full is cancelled after ``TRANSFER_TIMEOUT_S`` and its blocks freed; a failed prefill frees the
+full is cancelled after ``--kv-transfer-timeout`` and its blocks freed; a failed prefill frees the
 prefill engine's blocks and answers 502. A body with a missing or malformed field is a 400
 naming the field (OpenAI's error shape). The routes are added to ``app``, which
 ``kvserve serve`` makes an APIRouter whose dependency checks the ``X-KV-Secret`` header on
@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kvserve.disagg.core_ops import RESERVATION_LEASE_S
+from kvserve.config import KVRole
 from kvserve.disagg.metrics import KVTransferStats
 from kvserve.disagg.transfer import TransferPlan
 from kvserve.disagg.wire import delta_json, sampled_token_from, sampled_token_json
@@ -104,7 +104,8 @@ def _failure(error: CallFailedError) -> JSONResponse:
 
 
 def add_decode_routes(
-    app: FastAPI | APIRouter, engine: AsyncEngine, kv_rank: int, stats: KVTransferStats
+    app: FastAPI | APIRouter, engine: AsyncEngine, kv_rank: int, stats: KVTransferStats,
+    reservation_lease_s: float = KVRole.reservation_lease_s,
 ) -> None:
     router = APIRouter(prefix="/kv")
     # what a reservation's request is, for the stream that continues it (front-end only)
@@ -121,7 +122,7 @@ def add_decode_routes(
         assert isinstance(plan, ReservedKV)
         now = time.monotonic()
         for transfer_id, (_, _, at) in list(reserved.items()):
-            if now - at > RESERVATION_LEASE_S:  # the core has cancelled it too
+            if now - at > reservation_lease_s:  # the core has cancelled it too
                 del reserved[transfer_id]
         reserved[plan.transfer_id] = (prompt_ids, params, now)
         return JSONResponse({"transfer_id": plan.transfer_id, "num_tokens": plan.num_tokens,

@@ -2,10 +2,11 @@
 
 For each request ``Router`` picks a decode engine and a prefill engine (round robin), has the
 decode engine reserve blocks, the prefill engine compute and stream the KV (and sample the first
-token), then streams the decode engine's deltas. A decode engine that cannot be reached is
-reported and skipped by later requests; a failed or abandoned prefill cancels the decode
-engine's reservation. With a ``KVSecret`` every call carries its ``X-KV-Secret`` header; an
-engine that refuses it (401) is a 502 to the client (the client's own key was fine) naming
+token), then streams the decode engine's deltas. An engine that cannot be reached, or does not
+answer within ``engine_timeout_s`` (``--engine-timeout``), is reported and skipped by later
+requests for ``RETRY_DOWN_S``; a failed or abandoned prefill cancels the decode engine's
+reservation. With a ``KVSecret`` every call carries its ``X-KV-Secret`` header; an engine that
+refuses it (401) is a 502 to the client (the client's own key was fine) naming
 ``--kv-secret``, and at start an error. The OpenAI side (``disagg.remote_engine``,
 ``disagg.router_app``) is the colocated server's own app over these calls.
 """
@@ -16,7 +17,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -28,7 +29,11 @@ from kvserve.disagg.wire import sampled_token_from, sampled_token_json
 from kvserve.server.errors import APIError
 from kvserve.step_output import SampledToken
 
-RETRY_DOWN_S = 10.0  # a decode engine found unreachable is skipped this long
+RETRY_DOWN_S = 10.0  # an engine found unreachable is skipped this long
+# the longest the router waits for any one read from an engine (--engine-timeout): past the
+# engines' own 30 s KV transfer timeout, so their answer comes first when they are alive
+ENGINE_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 5.0
 
 
 def error_message(reply: httpx.Response) -> str:
@@ -66,17 +71,23 @@ class Router:
     def __init__(
         self, prefill_urls: list[str], decode_urls: list[str],
         registry: CollectorRegistry | None = None, kv_secret: KVSecret | None = None,
+        engine_timeout_s: float = ENGINE_TIMEOUT_S,
     ) -> None:
         if not prefill_urls or not decode_urls:
             raise ValueError("a router needs at least one --prefill and one --decode URL")
+        if not engine_timeout_s > 0:
+            raise ValueError(f"--engine-timeout must be > 0 seconds, got {engine_timeout_s}")
         self.prefill_urls = [u.rstrip("/") for u in prefill_urls]
         self.decode_urls = [u.rstrip("/") for u in decode_urls]
-        self.down: dict[str, float] = {}  # decode url -> when it was last found unreachable
+        self.down: dict[str, float] = {}  # engine url -> when it was last found unreachable
         self._prefill_turn = itertools.cycle(range(len(self.prefill_urls)))
         self._decode_turn = itertools.cycle(range(len(self.decode_urls)))
+        self.engine_timeout_s = engine_timeout_s
         self.headers = kv_secret.header if kv_secret is not None else {}
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
-                                        headers=self.headers)
+        # every read and write waits at most engine_timeout_s (a stopped engine accepts the
+        # connection and never answers); waiting for a pooled connection is not bounded
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(
+            engine_timeout_s, connect=CONNECT_TIMEOUT_S, pool=None), headers=self.headers)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.phase_seconds = Histogram(
             "kvserve:router_phase_seconds",
@@ -90,15 +101,34 @@ class Router:
     def mark_down(self, url: str) -> None:
         self.down[url] = time.monotonic()
 
-    def _next_decode(self) -> str:
-        """The next decode engine in turn that is not down; one found down is tried again
-        after ``RETRY_DOWN_S``."""
+    def down_of(self, urls: list[str]) -> list[str]:
+        """Those of ``urls`` found down (and not found up since)."""
+        return sorted(url for url in urls if url in self.down)
+
+    def _unreachable(self, kind: str, url: str, error: httpx.TransportError) -> str:
+        """Why ``url`` failed, marking it down: a timeout says how long was waited."""
+        self.mark_down(url)
+        if isinstance(error, httpx.TimeoutException):
+            return (f"{kind} engine {url} did not answer within {self.engine_timeout_s:g} s "
+                    "(--engine-timeout)")
+        return f"{kind} engine {url} is unreachable: {error!r}"
+
+    def _next_up(self, kind: str, urls: list[str], turn: Iterator[int]) -> str:
+        """The next engine of ``urls`` in turn that is not down; one found down is tried
+        again after ``RETRY_DOWN_S``."""
         now = time.monotonic()
-        for _ in self.decode_urls:
-            url = self.decode_urls[next(self._decode_turn)]
+        for _ in urls:
+            url = urls[next(turn)]
             if now - self.down.get(url, -RETRY_DOWN_S) >= RETRY_DOWN_S:
                 return url
-        raise RouterError(503, f"no decode engine is up (down: {sorted(self.down)})")
+        raise RouterError(503, f"no {kind} engine is up (down: {self.down_of(urls)}; each is "
+                          f"tried again {RETRY_DOWN_S:g} s after it failed)")
+
+    def _next_decode(self) -> str:
+        return self._next_up("decode", self.decode_urls, self._decode_turn)
+
+    def _next_prefill(self) -> str:
+        return self._next_up("prefill", self.prefill_urls, self._prefill_turn)
 
     def engine_info(self, timeout_s: float) -> dict[str, int]:
         """``max_model_len`` and ``vocab_size`` the engines share (the smallest limit), asked
@@ -140,8 +170,7 @@ class Router:
                                            json={"prompt_token_ids": prompt_ids,
                                                  "sampling": sampling})
         except httpx.TransportError as error:
-            self.mark_down(decode)
-            raise RouterError(502, f"decode engine {decode} is unreachable: {error}") from error
+            raise RouterError(502, self._unreachable("decode", decode, error)) from error
         if (refused := refused_secret(decode, reply)) is not None:
             raise RouterError(502, refused)
         if reply.status_code != 200:
@@ -172,22 +201,28 @@ class Router:
     ) -> SampledToken:
         reserved = time.perf_counter()
         self.phase_seconds.labels("reserve").observe(reserved - started)
-        prefill = self.prefill_urls[next(self._prefill_turn)]
+        try:
+            prefill = self._next_prefill()
+        except RouterError:
+            await self.cancel(decode, plan)
+            raise
         status = HTTPStatus.BAD_GATEWAY
         try:
             done = await self.client.post(f"{prefill}/kv/prefill",
                                           json={**plan, "prompt_token_ids": prompt_ids,
                                                 "sampling": sampling})
             failed = None if done.status_code == 200 else (
-                refused_secret(prefill, done) or error_message(done))
+                refused_secret(prefill, done)
+                or f"prefill engine {prefill} failed: {error_message(done)}")
             if done.status_code == HTTPStatus.BAD_REQUEST:
-                status = HTTPStatus.BAD_REQUEST
+                status, failed = HTTPStatus.BAD_REQUEST, error_message(done)
         except httpx.TransportError as error:
-            failed = f"prefill engine {prefill} is unreachable: {error}"
+            failed = self._unreachable("prefill", prefill, error)
         if failed is not None:
             if not await self.cancel(decode, plan):
                 failed += f"; decode engine {decode} is unreachable"
             raise RouterError(status, failed)
+        self.down.pop(prefill, None)
         self.phase_seconds.labels("prefill").observe(time.perf_counter() - reserved)
         try:
             return sampled_token_from(done.json().get("first_token"))
@@ -219,5 +254,5 @@ class Router:
                         self.phase_seconds.labels("decode").observe(now - first_line_at)
                     yield delta
         except httpx.TransportError as error:
-            self.mark_down(decode)
-            raise RouterError(502, f"decode engine {decode} failed mid-request: {error}") from error
+            why = self._unreachable("decode", decode, error)
+            raise RouterError(502, f"{why} (mid-request)") from error

@@ -1,6 +1,6 @@
 """``kvserve router``'s app: the colocated server's OpenAI app (``server.app.build_app``) over a
 ``DisaggregatedEngine``, so clients cannot tell the two apart, plus the router's own metrics
-(time per phase) and, in ``/health``, the decode engines found down."""
+(time per phase) and, in ``/health``, the decode and prefill engines found down."""
 
 from __future__ import annotations
 

@@ -63,6 +63,11 @@ class CoreOps(ABC):
     def busy(self) -> bool:
         """True while an operation waits (the loop must not block long)."""
 
+    def take_changed(self) -> bool:
+        """True (once) when the operations changed the counters without a result to send, such
+        as a lease that ran out and freed its blocks: the loop then sends the new counters."""
+        return False
+
 
 class NoOps(CoreOps):
     """A colocated engine: every named operation is refused."""
@@ -122,7 +127,8 @@ class CoreLoop:
             if not self.apply(message):
                 return False
         results = self.ops.poll()
-        self._changed = self._changed or bool(results)  # an operation that ends frees blocks
+        # an operation that ends, or a lease that runs out, frees blocks
+        self._changed = self._changed or bool(results) or self.ops.take_changed()
         outputs: list[EngineOutput] = []
         if core.has_work:
             outputs = self._step()

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -44,12 +44,21 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
     raise RuntimeError(f"{url} never became healthy:\n{log_path.read_text()}")
 
 
+def launch_router(log_path: Path, urls: dict[str, str], *router_args: str) -> subprocess.Popen:
+    """The router in front of ``urls``' engines, on the port of ``urls["router"]``."""
+    port = urls["router"].rsplit(":", 1)[1]
+    return launch(log_path, "router", "--prefill", urls["prefill"], "--decode", urls["decode"],
+                  "--port", port, *router_args)
+
+
 @contextlib.contextmanager
 def running_set(
-    logs: Path, kv_secret: str | None = KV_SECRET
+    logs: Path, kv_secret: str | None = KV_SECRET, engine_args: Sequence[str] = (),
+    router_args: Sequence[str] = (),
 ) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Popen]]]:
     """Prefill (rank 0), decode (rank 1) and the router, all given ``kv_secret`` (none if
-    None), stopped by SIGTERM at the end."""
+    None), stopped by SIGTERM at the end; ``engine_args`` go to both engines, ``router_args``
+    to the router."""
     secret = []
     if kv_secret is not None:
         secret_path = logs / "kv-secret"
@@ -64,15 +73,12 @@ def running_set(
         processes[role] = launch(
             logs / f"{role}.log", "serve", "--role", role, "--kv-rank", str(rank),
             "--kv-world-size", "2", "--kv-master", master, "--port", str(ports[role]),
-            *ENGINE_ARGS, *secret,
+            *ENGINE_ARGS, *secret, *engine_args,
         )
     try:
         for role in ("prefill", "decode"):
             wait_healthy(urls[role], processes[role], logs / f"{role}.log")
-        processes["router"] = launch(
-            logs / "router.log", "router", "--prefill", urls["prefill"], "--decode",
-            urls["decode"], "--port", str(ports["router"]), *secret,
-        )
+        processes["router"] = launch_router(logs / "router.log", urls, *secret, *router_args)
         wait_healthy(urls["router"], processes["router"], logs / "router.log")
         yield urls, processes
     finally:

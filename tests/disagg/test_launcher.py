@@ -58,11 +58,14 @@ def test_commands_give_each_engine_a_rank_a_port_and_a_device() -> None:
 
 def test_the_router_gets_the_flags_it_answers_with() -> None:
     argv = ["--chat-template", "t.jinja", "--api-key", "k", "--served-model-name", "m",
-            "--max-messages", "8", "--shutdown-timeout", "5", "--dtype", "float32"]
-    router = commands(argv, "127.0.0.1", 9000, ["cpu"], ["cpu"], 1234)[-1]
+            "--max-messages", "8", "--shutdown-timeout", "5", "--dtype", "float32",
+            "--engine-timeout", "7", "--kv-transfer-timeout", "3"]
+    *engines, router = commands(argv, "127.0.0.1", 9000, ["cpu"], ["cpu"], 1234)
     assert router[router.index("--decode") + 2:] == [
         "--chat-template", "t.jinja", "--served-model-name", "m", "--api-key", "k",
-        "--shutdown-timeout", "5", "--max-messages", "8"]
+        "--shutdown-timeout", "5", "--engine-timeout", "7", "--max-messages", "8"]
+    for engine in engines:  # the KV leases are the engines'
+        assert engine[engine.index("--kv-transfer-timeout") + 1] == "3"
 
 
 def test_one_command_serves_and_one_sigterm_stops_everything(tmp_path: Path) -> None:
