@@ -198,8 +198,13 @@ class AsyncEngine:
                     f"{self.max_queue}); retry later"
                 )
             stream = self._track(request_id, prompt, prompt_token_ids, params, arrival)
+            try:
+                self.client.send(AddRequest(request_id, list(prompt_token_ids), params, arrival))
+            except BaseException:  # never sent (a value the message cannot carry): keep nothing
+                self._streams.pop(request_id, None)
+                self._outputs.abort(request_id)
+                raise
             self._num_adds_sent += 1
-            self.client.send(AddRequest(request_id, list(prompt_token_ids), params, arrival))
         async for delta in self._follow(request_id, stream):
             yield delta
 

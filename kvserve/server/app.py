@@ -30,6 +30,7 @@ from kvserve.server.completions import create_completion
 from kvserve.server.errors import APIError, install_error_handlers
 from kvserve.server.input_limits import check_chat_limits, check_completion_limits
 from kvserve.server.limits import ServerLimits
+from kvserve.server.openapi import install_request_schemas, json_body
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from kvserve.server.request_body import parse_body
 from kvserve.server.serving import ServerContext, json_response
@@ -71,6 +72,7 @@ def build_app(
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(_v1_router(ctx))
+    install_request_schemas(app, [ChatCompletionRequest, CompletionRequest])
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -92,13 +94,13 @@ def build_app(
 def _v1_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(ctx.api_keys))])
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest, ctx.limits, check_chat_limits)
         ctx.check_accepting()
         return await create_chat_completion(ctx, request, body)
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest, ctx.limits,
                                 check_completion_limits)

@@ -95,10 +95,12 @@ class ChatMessage(_Request):
 
 
 def _arguments(text: str) -> Any:
-    """A call's arguments as templates take them: the parsed object (the text if not JSON)."""
+    """A call's arguments as templates take them: the parsed object (the text if not JSON,
+    or if it nests too deep for the parser: the body's depth limit does not see inside
+    strings)."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
 
 
@@ -137,7 +139,7 @@ class SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: int | None = None  # extension: -1 or 0 disables
+    top_k: int | None = Field(None, le=INT64_MAX)  # extension: -1 or 0 disables
     min_p: float | None = None  # extension
     ignore_eos: bool = False  # extension
     honours_tools: ClassVar[bool] = False  # chat does (a forced call), completions not

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -29,6 +30,9 @@ RawCheck = Callable[[dict[str, Any], ServerLimits], None]
 THREAD_DECODE_BYTES = 64 * 1024
 _STRUCTURAL = b'"[]{}'
 _NOT_STRUCTURAL = bytes(b for b in range(256) if b not in _STRUCTURAL)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 to \udfff
+_LONE = ("holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), "
+         "which is not text")
 
 
 async def parse_body(
@@ -73,6 +77,8 @@ def decode_body(
         raise _too_deep(limits, None) from None
     if not isinstance(data, dict):
         raise invalid_request(f"the body must be a JSON object, got {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_unicode(data)
     check(data, limits)
     try:
         return model.model_validate(data)
@@ -99,6 +105,32 @@ def json_depth(raw: bytes) -> int:
     codes = np.frombuffer(brackets, dtype=np.uint8)  # [num_brackets]
     steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)  # [num_brackets]
     return int(np.cumsum(steps).max())
+
+
+def _check_unicode(data: dict[str, Any]) -> None:
+    """400 naming a string (or an object's key) that holds a lone UTF-16 surrogate: JSON's
+    ``\\ud800`` escapes can write one, but it is no text (the tokenizer and the engine's
+    messages cannot encode it). A surrogate pair is one character and passes."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str) and not _is_text(value):
+            raise invalid_request(f"{path}: {_LONE}", param=path)
+        items = enumerate(value) if isinstance(value, list) else (
+            value.items() if isinstance(value, dict) else ())
+        for key, item in items:
+            if isinstance(key, str) and not _is_text(key):
+                where = f"{path}: a key" if path else "a key of the body"
+                raise invalid_request(f"{where} {_LONE}", param=path or None)
+            todo.append((f"{path}.{key}" if path else str(key), item))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _too_large(limits: ServerLimits, what: str) -> Exception:

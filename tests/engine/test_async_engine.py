@@ -134,3 +134,23 @@ def test_bad_prompts_are_refused_before_they_are_queued(engine: AsyncEngine) -> 
     with pytest.raises(ValueError, match="outside the vocabulary"):
         asyncio.run(collect(engine, [10**9]))
     assert engine.num_in_flight == 0
+
+
+def test_a_request_that_cannot_be_sent_leaves_nothing_behind(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message the client cannot encode (the process client's msgpack refuses an int past
+    64 bits) fails that request alone: it is not left in flight, nor counted as waiting."""
+    send = engine.client.send
+
+    def refuse_adds(message: object) -> None:
+        if type(message).__name__ == "AddRequest":
+            raise OverflowError("can't serialize ints < -2**63 or > 2**64 - 1")
+        send(message)
+
+    monkeypatch.setattr(engine.client, "send", refuse_adds)
+    with pytest.raises(OverflowError):
+        asyncio.run(collect(engine, PROMPTS[0]))
+    assert (engine.num_in_flight, engine.num_waiting) == (0, 0)
+    monkeypatch.setattr(engine.client, "send", send)
+    assert len(asyncio.run(collect(engine, PROMPTS[0]))) == GREEDY.max_tokens

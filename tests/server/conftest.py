@@ -8,7 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from server_process import API_KEY, HERMES_TEMPLATE, Server, start_server, stop_server
+from server_process import (
+    API_KEY,
+    FUZZ_ARGS,
+    HERMES_TEMPLATE,
+    Server,
+    start_server,
+    stop_server,
+)
 
 
 def _serve(tmp_path_factory: pytest.TempPathFactory, name: str, *args: str, **kw) -> Iterator:
@@ -46,3 +53,10 @@ def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server whose chat template is tests/data/hermes_tools.jinja (``--chat-template``):
     tools, assistant calls and tool results rendered in the Hermes style."""
     yield from _serve(tmp_path_factory, "tools", "--chat-template", str(HERMES_TEMPLATE))
+
+
+@pytest.fixture(scope="session")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The fuzz tests' server: small bounds (``FUZZ_ARGS``), so that any request it accepts
+    is served in well under a second on a CPU."""
+    yield from _serve(tmp_path_factory, "fuzz", *FUZZ_ARGS)

@@ -22,6 +22,9 @@ API_KEY = "test-key"
 ENGINE_ARGS = ["--dtype", "float32", "--quantization", "none", "--enforce-eager",
                "--kv-cache-memory", "64MiB", "--block-size", "16"]
 MODEL = "SmolLM2-135M-Instruct"
+# the fuzz server's bounds: a 256-token context (so a prefill is short), at most 8 completion
+# tokens a request (an unset max_tokens counts as the rest of the context, so it is refused)
+FUZZ_ARGS = ["--max-model-len", "256", "--max-request-tokens", "8", "--max-prompt-chars", "4096"]
 # a Hermes-style chat template with tools, for --chat-template
 HERMES_TEMPLATE = Path(__file__).parents[1] / "data" / "hermes_tools.jinja"
 

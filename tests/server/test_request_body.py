@@ -79,3 +79,24 @@ def test_malformed_json_is_still_a_400_naming_it() -> None:
     with pytest.raises(APIError, match="the body is not valid JSON") as refused:
         decode(b'{"prompt": [')
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (rb'{"prompt": "a\ud800"}', "prompt"),
+    (rb'{"prompt": "Hi", "stop": ["x", "\uDFFF"]}', "stop.1"),
+    (rb'{"prompt": "Hi", "extra": {"\udc00": 1}}', "extra"),
+    (rb'{"\ud800": 1, "prompt": "Hi"}', None),
+])
+def test_a_lone_surrogate_is_refused_by_its_field(raw: bytes, param: str | None) -> None:
+    """JSON escapes can write half a UTF-16 pair, which no text holds (the tokenizer and the
+    engine's messages would fail on it with a 500)."""
+    with pytest.raises(APIError) as refused:
+        decode_body(raw, CompletionRequest, ServerLimits(), check_completion_limits)
+    assert (refused.value.status, refused.value.param) == (400, param)
+    assert "lone UTF-16 surrogate" in refused.value.message
+
+
+@pytest.mark.parametrize("raw", [rb'{"prompt": "\ud83d\ude00"}', rb'{"prompt": "\\ud800"}'])
+def test_a_surrogate_pair_and_an_escaped_backslash_pass(raw: bytes) -> None:
+    body = decode_body(raw, CompletionRequest, ServerLimits(), check_completion_limits)
+    assert body.prompt == json.loads(raw)["prompt"]
