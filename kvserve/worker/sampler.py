@@ -249,7 +249,9 @@ def _apply_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
             ranked = probs.sort(dim=-1, descending=True).values  # [n, vocab]
             cumulative = ranked.cumsum(dim=-1)  # [n, vocab]; same prefix as above
     mass_above = torch.nn.functional.pad(cumulative[:, :-1], (1, 0))  # [n, C], exclusive sums
-    num_kept = (mass_above < top_p).sum(dim=-1, keepdim=True)  # [n, 1], >= 1
+    # >= 1: the top token is always kept, also for a top_p that rounds to 0 in the logits'
+    # dtype (5e-324 in float32; the fuzz suite sent it)
+    num_kept = (mass_above < top_p).sum(dim=-1, keepdim=True).clamp_min(1)  # [n, 1]
     cutoff = ranked.gather(1, num_kept - 1)  # [n, 1], least likely kept probability
     cutoff = torch.where(top_p >= 1.0, 0.0, cutoff)  # [n, 1]
     return logits.masked_fill(probs < cutoff, float("-inf"))

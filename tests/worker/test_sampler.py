@@ -37,9 +37,10 @@ def test_greedy_is_argmax_and_leaves_logits_untouched() -> None:
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1.0, top_k=1),
     SamplingParams(temperature=1.5, top_p=1e-6),
+    SamplingParams(temperature=1.0, top_p=5e-324),  # 0 in float32: still keeps the top token
     SamplingParams(temperature=2.0, min_p=1.0),
     SamplingParams(temperature=1e-7),
-], ids=["top_k=1", "top_p_tiny", "min_p=1", "tiny_temperature"])
+], ids=["top_k=1", "top_p_tiny", "top_p_denormal", "min_p=1", "tiny_temperature"])
 def test_filters_that_keep_one_token_equal_greedy(params: SamplingParams) -> None:
     logits = _logits(8, seed=1)
     for step in range(5):
