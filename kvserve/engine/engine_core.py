@@ -381,6 +381,8 @@ class EngineCore:
             raise ValueError("prompt_logprobs need the prompt prefilled by this engine, not KV "
                              "loaded from elsewhere")
         request = self.new_request(prompt_token_ids, params, request_id)
+        if params.structured is not None and self.runner.grammars is not None:
+            self.runner.grammars.compile(*params.structured)  # off the loop, while it prefills
         kv = self.scheduler.kv
         hit = kv.find_cached_prefix(request)
         num_tokens = len(prompt_token_ids)
@@ -403,8 +405,6 @@ class EngineCore:
         token's output is handed out with the next ``step``."""
         request.num_computed_tokens = request.num_prompt_tokens
         self.scheduler.kv.register_computed_blocks(request)
-        if request.sampling_params.structured is not None and self.runner.grammars is not None:
-            self.runner.grammars.compile(*request.sampling_params.structured)  # warm its cache
         request.append_output_token(first_token.token_id)
         if request.is_finished:
             self.scheduler.kv.free(request)

@@ -6,14 +6,12 @@ engine (as test_tokenize_off_loop.py)."""
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from server_process import free_port
+from server_process import served_in_thread
 
 from kvserve import LLM
 from kvserve.engine.async_engine import AsyncEngine
@@ -33,18 +31,8 @@ def served(llm_f32: LLM, tmp_path: Path) -> Iterator[str]:
     engine = AsyncEngine.in_thread(llm_f32.engine.core, llm_f32.tokenizer)
     metrics = ServerMetrics(model_name="m", client_names=keys.names)
     app = build_app(engine, llm_f32.tokenizer, "m", api_keys=keys, metrics=metrics)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn did not start"
-            thread.join(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with served_in_thread(app) as url:
+        yield url
 
 
 def completion(url: str, key: str | None) -> httpx.Response:

@@ -12,8 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from server_process import free_port
+from server_process import served_in_thread
 
 from kvserve import LLM
 from kvserve.engine.async_engine import AsyncEngine
@@ -58,19 +57,11 @@ def served(llm_f32: LLM) -> Iterator[tuple[str, BlockingTokenizer]]:
     tokenizer = BlockingTokenizer(llm_f32.tokenizer)
     engine = AsyncEngine.in_thread(llm_f32.engine.core, llm_f32.tokenizer)
     app = build_app(engine, tokenizer, "m")  # type: ignore[arg-type]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn did not start"
-            thread.join(0.05)
-        yield f"http://127.0.0.1:{port}/v1", tokenizer
-    finally:
-        tokenizer.release.set()
-        server.should_exit = True
-        thread.join(30)
+    with served_in_thread(app) as url:
+        try:
+            yield f"{url}/v1", tokenizer
+        finally:
+            tokenizer.release.set()  # before the server stops: its blocked threads end
 
 
 LARGE_BODIES = {
