@@ -106,3 +106,11 @@ def test_a_port_in_use_is_an_error_naming_the_flags(capsys: pytest.CaptureFixtur
         taken.close()
     assert capsys.readouterr().err == (f"kvserve: error: --host/--port: cannot listen on "
                                        f"127.0.0.1:{port} (Address already in use)\n")
+
+
+def test_without_a_secret_only_the_kv_address_must_be_loopback() -> None:
+    from kvserve.disagg.kv_secret import check_role_host
+
+    listener = kv_listener_from_args(_args(host="0.0.0.0", kv_host="127.0.0.1", kv_port=8200))
+    warning = check_role_host("decode", listener.host, None, "--kv-host")
+    assert warning is not None and "listens for them on 127.0.0.1 only" in warning
