@@ -94,8 +94,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     kv.add_argument("--kv-master", default="127.0.0.1:29500",
                     help="HOST:PORT where the engines meet (rank 0 listens there)")
     add_kv_secret_args(kv, "with --role prefill|decode, every /kv route needs it (without it "
-                       "the engine listens on loopback only); with --disaggregated, the set's "
-                       "secret (default: a random one)")
+                       "the /kv routes listen on loopback only); with --disaggregated, the "
+                       "set's secret (default: a random one)")
     add_kv_listener_args(kv)
     kv.add_argument("--kv-transfer-timeout", type=float, default=KVRole.transfer_timeout_s,
                     metavar="SECONDS",
