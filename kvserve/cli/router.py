@@ -29,9 +29,11 @@ def add_router_parser(commands: argparse._SubParsersAction) -> None:
         "alike. Engines are `kvserve serve --role prefill|decode` servers.",
     )
     router.add_argument("--prefill", nargs="+", required=True, metavar="URL",
-                        help="base URLs of prefill engines, e.g. http://127.0.0.1:8100")
+                        help="base URLs of the prefill engines' /kv routes, e.g. "
+                        "http://127.0.0.1:8100: an engine's --kv-host and --kv-port when it "
+                        "has them, else its --host and --port")
     router.add_argument("--decode", nargs="+", required=True, metavar="URL",
-                        help="base URLs of decode engines")
+                        help="base URLs of the decode engines' /kv routes (as --prefill)")
     router.add_argument("--model", default=None,
                         help="the model the engines serve, for its tokenizer (default: the "
                         "embedded SmolLM2-135M-Instruct)")

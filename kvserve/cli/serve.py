@@ -20,11 +20,19 @@ from kvserve.cli.auth_args import (
     api_keys_from_args,
     kv_secret_from_args,
 )
+from kvserve.cli.kv_listener_args import (
+    KVListener,
+    add_kv_listener_args,
+    check_no_kv_listener_for_a_set,
+    kv_listener_from_args,
+)
 from kvserve.cli.limit_args import add_limit_args, limits_from_args
 from kvserve.config import KVRole
 from kvserve.model.embedded import EMBEDDED_NAME
 
 if TYPE_CHECKING:
+    import socket
+
     from fastapi import FastAPI
 
     from kvserve.disagg.kv_secret import KVSecret
@@ -86,8 +94,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     kv.add_argument("--kv-master", default="127.0.0.1:29500",
                     help="HOST:PORT where the engines meet (rank 0 listens there)")
     add_kv_secret_args(kv, "with --role prefill|decode, every /kv route needs it (without it "
-                       "the engine listens on loopback only); with --disaggregated, the set's "
-                       "secret (default: a random one)")
+                       "the /kv routes listen on loopback only); with --disaggregated, the "
+                       "set's secret (default: a random one)")
+    add_kv_listener_args(kv)
     kv.add_argument("--kv-transfer-timeout", type=float, default=KVRole.transfer_timeout_s,
                     metavar="SECONDS",
                     help="a prefill engine frees the blocks of KV the decode engine does not "
@@ -118,6 +127,7 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         serve_argv = argv or []
         serve_argv = serve_argv[serve_argv.index("serve") + 1 :] if "serve" in serve_argv else []
         api_keys_from_args(args)  # a bad --api-key-file is an error here, not in each process
+        check_no_kv_listener_for_a_set(args)
         with launcher.secret_file(kv_secret_from_args(args)) as secret_path:
             return launcher.run(launcher.commands(
                 serve_argv, args.host, args.port, args.prefill_devices, args.decode_devices,
@@ -134,18 +144,21 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     limits = limits_from_args(args)
     api_keys = api_keys_from_args(args)
     kv_secret = kv_secret_from_args(args)
+    kv_listener = kv_listener_from_args(args)
     kv_role = None
-    if args.role != "colocated":
+    if kv_listener is not None:
         if args.kv_rank is None or args.kv_world_size is None:
             raise ValueError(f"--role {args.role} needs --kv-rank and --kv-world-size")
         kv_role = KVRole(args.role, args.kv_rank, args.kv_world_size, args.kv_master,
                          args.kv_transfer_timeout, args.kv_reservation_lease)
-        _warn_about_open_kv_routes(args.role, args.host, kv_secret)
+        _warn_about_open_kv_routes(args.role, kv_listener, kv_secret)
     elif kv_secret is not None:
         raise ValueError("--kv-secret and --kv-secret-file protect the /kv routes of --role "
                          "prefill|decode engines (or a --disaggregated set); this server has "
                          "none: leave the flag out, or give --role")
     chat_template = read_chat_template(args.chat_template) if args.chat_template else None
+    # bound before the model loads, so that a port in use is an error at once
+    sockets = _bind_listeners(args.host, args.port, kv_listener)
     engine = AsyncEngine.in_process(
         engine_config_from_args(args), max_queue=args.max_queue, kv_role=kv_role
     )
@@ -166,15 +179,18 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     from kvserve.cli.graceful_server import GracefulServer
 
+    served: object = app
+    if kv_role is not None:
+        assert kv_listener is not None
+        served = _add_role(app, kv_role, kv_secret, sockets)
+        logger.info("%s", kv_listener.describe(kv_secret))
     config = uvicorn.Config(
-        app,
+        served,
         host=args.host,
         port=args.port,
         log_config=None,  # our logging setup (kvserve.cli.main) formats uvicorn's lines too
         timeout_graceful_shutdown=int(args.shutdown_timeout) + UVICORN_EXTRA_GRACE_S,
     )
-    if kv_role is not None:
-        _add_role(app, kv_role, kv_secret)
     server = GracefulServer(config, on_exit=lambda: begin_drain(app, args.shutdown_timeout))
 
     def engine_died(reason: str) -> None:
@@ -183,9 +199,10 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         timer.start()
 
     engine.on_dead = engine_died
-    logger.info("serving %s on http://%s:%d/v1", model_name, args.host, args.port)
+    logger.info("serving %s on http://%s:%d/v1%s", model_name, args.host, args.port,
+                " (not its /kv routes)" if sockets else "")
     try:
-        server.run()
+        server.run(sockets=sockets or None)
     finally:
         engine.shutdown(timeout=0.0)
     if server.failure is not None:
@@ -209,31 +226,48 @@ def read_chat_template(path: str) -> str:
     return template
 
 
-def _warn_about_open_kv_routes(role: str, host: str, kv_secret: KVSecret | None) -> None:
-    """Refuse a non-loopback --host without a secret; warn on loopback that /kv is open."""
+def _warn_about_open_kv_routes(
+    role: str, kv_listener: KVListener, kv_secret: KVSecret | None
+) -> None:
+    """Refuse /kv routes on a non-loopback address without a secret; warn on loopback that
+    they are open."""
     from kvserve.disagg.kv_secret import check_role_host
 
-    warning = check_role_host(role, host, kv_secret)
+    flag = "--kv-host" if kv_listener.kv_host is not None else "--host"
+    warning = check_role_host(role, kv_listener.host, kv_secret, flag)
     if warning is not None:
         logger.warning("%s", warning)
 
 
-def _add_role(app: FastAPI, kv_role: KVRole, kv_secret: KVSecret | None) -> None:
-    """The role's internal /kv routes (kvserve.disagg.roles), every one behind the secret's
-    check (an APIRouter whose dependency is ``kv_secret_check``), and its transfer metrics."""
-    from fastapi import APIRouter, Depends
+def _bind_listeners(
+    host: str, port: int, kv_listener: KVListener | None
+) -> list[socket.socket]:
+    """The public and the KV sockets, bound, when the /kv routes have a listener of their own
+    (``--kv-port``); else none (uvicorn binds ``--host``:``--port`` itself)."""
+    from kvserve.cli.listeners import bind
 
-    from kvserve.disagg.kv_secret import kv_secret_check
-    from kvserve.disagg.metrics import KVTransferCollector, KVTransferStats
-    from kvserve.disagg.roles import add_decode_routes, add_info_route, add_prefill_routes
+    if kv_listener is None or not kv_listener.separate:
+        return []
+    public = bind(host, port, "--host/--port")
+    try:
+        return [public, bind(kv_listener.host, kv_listener.port, "--kv-host/--kv-port")]
+    except ValueError:
+        public.close()
+        raise
 
-    async_engine = app.state.ctx.engine
-    guarded = APIRouter(dependencies=[Depends(kv_secret_check(kv_secret))])
-    add_info_route(guarded, async_engine, kv_role.role)
-    stats = KVTransferStats()
-    if kv_role.role == "prefill":
-        add_prefill_routes(guarded, async_engine, stats)
-    else:
-        add_decode_routes(guarded, async_engine, kv_role.rank, stats, kv_role.reservation_lease_s)
-    app.include_router(guarded)
-    app.state.ctx.metrics.registry.register(KVTransferCollector(stats, kv_role.role))
+
+def _add_role(
+    app: FastAPI, kv_role: KVRole, kv_secret: KVSecret | None, sockets: list[socket.socket]
+) -> object:
+    """The ASGI app to serve: ``app`` with the role's /kv routes when they share its listener
+    (no ``sockets``), else ``app`` on ``sockets[0]`` and the /kv routes alone on
+    ``sockets[1]`` (``cli.listeners.ByListener``)."""
+    from kvserve.cli.listeners import ByListener, Listener
+    from kvserve.disagg.kv_app import build_kv_app, kv_routes
+
+    routes = kv_routes(app, kv_role, kv_secret)
+    if not sockets:
+        app.include_router(routes)
+        return app
+    public, kv = sockets
+    return ByListener([(Listener.of(public), app), (Listener.of(kv), build_kv_app(routes))])

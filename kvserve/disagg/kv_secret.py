@@ -9,8 +9,9 @@ both sides are 32 bytes whatever was sent, so the time taken does not depend on 
 secret's length nor on how much of it is right.
 
 An engine with a role and no secret serves its ``/kv`` routes to anyone who can reach its
-port, so it may only listen on a loopback address: ``--host`` anything else is refused at
-start (``check_role_host``), and on loopback it warns that the routes are open.
+port, so they may only listen on a loopback address: ``--host`` (or ``--kv-host``, where they
+have a listener of their own) anything else is refused at start (``check_role_host``), and on
+loopback it warns that the routes are open.
 """
 
 from __future__ import annotations
@@ -112,16 +113,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_role_host(role: str, host: str, secret: KVSecret | None) -> str | None:
+def check_role_host(
+    role: str, host: str, secret: KVSecret | None, flag: str = "--host"
+) -> str | None:
     """The warning an engine with ``role`` logs at start, if any. ValueError if it has no
-    secret and ``host`` is not a loopback address: its /kv routes would be open to anyone."""
+    secret and ``host``, where its /kv routes listen (given by ``flag``: ``--host``, or
+    ``--kv-host`` for a listener of their own), is not a loopback address: the routes would be
+    open to anyone."""
     if secret is not None:
         return None
     if not is_loopback(host):
         raise ValueError(
             f"--role {role} without --kv-secret would serve the /kv routes (reserve, prefill, "
-            f"continue, cancel) to anyone who reaches --host {host}; give the engines and the "
+            f"continue, cancel) to anyone who reaches {flag} {host}; give the engines and the "
             "router the same --kv-secret or --kv-secret-file, or listen on 127.0.0.1")
     return (f"--role {role} without --kv-secret: the /kv routes take no credential, so this "
-            f"engine listens on {host} only; give the engines and the router the same "
+            f"engine listens for them on {host} only; give the engines and the router the same "
             "--kv-secret or --kv-secret-file to serve other machines")

@@ -5,10 +5,13 @@ decode engine reserve blocks, the prefill engine compute and stream the KV (and 
 token), then streams the decode engine's deltas. An engine that cannot be reached, or does not
 answer within ``engine_timeout_s`` (``--engine-timeout``), is reported and skipped by later
 requests for ``RETRY_DOWN_S``; a failed or abandoned prefill cancels the decode engine's
-reservation. With a ``KVSecret`` every call carries its ``X-KV-Secret`` header; an engine that
-refuses it (401) is a 502 to the client (the client's own key was fine) naming
-``--kv-secret``, and at start an error. The OpenAI side (``disagg.remote_engine``,
-``disagg.router_app``) is the colocated server's own app over these calls.
+reservation. Every call is to an engine's ``/kv`` routes, so the router's URLs are where those
+listen: an engine's ``--kv-host``:``--kv-port`` when it has them, else its public address (one
+that answers 404 for ``/kv/info`` is an error at start saying so). With a ``KVSecret`` every
+call carries its ``X-KV-Secret`` header; an engine that refuses it (401) is a 502 to the client
+(the client's own key was fine) naming ``--kv-secret``, and at start an error. The OpenAI side
+(``disagg.remote_engine``, ``disagg.router_app``) is the colocated server's own app over these
+calls.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def refused_secret(url: str, reply: httpx.Response) -> str | None:
         return None
     return (f"engine {url} refused the router's KV secret ({error_message(reply)}); give "
             "`kvserve router` the engines' --kv-secret or --kv-secret-file")
+
+
+def no_kv_routes(url: str) -> str:
+    """What to say when ``url`` answers 404 for ``/kv/info``: not where the engine's /kv
+    routes are (an engine started with ``--kv-port`` serves them there only)."""
+    return (f"engine {url} has no /kv routes (GET /kv/info answered 404); give `kvserve "
+            "router` the URL where the engine serves them: http://KV_HOST:KV_PORT for an "
+            "engine started with --kv-port (its start log names it), else its --host and --port")
 
 
 class RouterError(APIError):
@@ -145,6 +156,8 @@ class Router:
                         break
                     if (refused := refused_secret(url, reply)) is not None:
                         raise RuntimeError(refused)
+                    if reply.status_code == HTTPStatus.NOT_FOUND:
+                        raise RuntimeError(no_kv_routes(url))
                     problem = f"answered {reply.status_code}: {error_message(reply)}"
                 except httpx.TransportError as error:
                     problem = f"is unreachable: {error}"

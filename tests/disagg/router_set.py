@@ -54,11 +54,13 @@ def launch_router(log_path: Path, urls: dict[str, str], *router_args: str) -> su
 @contextlib.contextmanager
 def running_set(
     logs: Path, kv_secret: str | None = KV_SECRET, engine_args: Sequence[str] = (),
-    router_args: Sequence[str] = (),
+    router_args: Sequence[str] = (), kv_ports: bool = False,
 ) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Popen]]]:
     """Prefill (rank 0), decode (rank 1) and the router, all given ``kv_secret`` (none if
     None), stopped by SIGTERM at the end; ``engine_args`` go to both engines, ``router_args``
-    to the router."""
+    to the router. With ``kv_ports`` each engine serves its /kv routes on a ``--kv-port`` of
+    its own, at ``urls["prefill_kv"]`` and ``urls["decode_kv"]``, where the router is
+    pointed."""
     secret = []
     if kv_secret is not None:
         secret_path = logs / "kv-secret"
@@ -67,18 +69,24 @@ def running_set(
         secret = ["--kv-secret-file", str(secret_path)]
     master = f"127.0.0.1:{free_port()}"
     ports = {role: free_port() for role in ("prefill", "decode", "router")}
+    if kv_ports:
+        ports |= {f"{role}_kv": free_port() for role in ("prefill", "decode")}
     urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
     processes = {}
     for rank, role in enumerate(("prefill", "decode")):
+        kv_port = ["--kv-port", str(ports[f"{role}_kv"])] if kv_ports else []
         processes[role] = launch(
             logs / f"{role}.log", "serve", "--role", role, "--kv-rank", str(rank),
             "--kv-world-size", "2", "--kv-master", master, "--port", str(ports[role]),
-            *ENGINE_ARGS, *secret, *engine_args,
+            *ENGINE_ARGS, *secret, *kv_port, *engine_args,
         )
     try:
         for role in ("prefill", "decode"):
             wait_healthy(urls[role], processes[role], logs / f"{role}.log")
-        processes["router"] = launch_router(logs / "router.log", urls, *secret, *router_args)
+        engines = urls if not kv_ports else {
+            "prefill": urls["prefill_kv"], "decode": urls["decode_kv"], "router": urls["router"]}
+        processes["router"] = launch_router(logs / "router.log", engines, *secret,
+                                            *router_args)
         wait_healthy(urls["router"], processes["router"], logs / "router.log")
         yield urls, processes
     finally:

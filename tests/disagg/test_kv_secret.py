@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from kvserve.cli.main import main
-from kvserve.cli.serve import _add_role
 from kvserve.config import KVRole
+from kvserve.disagg.kv_app import kv_routes
 from kvserve.disagg.kv_secret import (
     KV_SECRET_HEADER,
     KVSecret,
@@ -42,7 +42,8 @@ def engine_app(role: str, secret: KVSecret | None) -> FastAPI:
     install_error_handlers(app)
     engine = SimpleNamespace(max_model_len=1456, vocab_size=49152)
     app.state.ctx = SimpleNamespace(engine=engine, metrics=ServerMetrics())
-    _add_role(app, KVRole(role, 0 if role == "prefill" else 1, 2, "127.0.0.1:1"), secret)
+    kv_role = KVRole(role, 0 if role == "prefill" else 1, 2, "127.0.0.1:1")
+    app.include_router(kv_routes(app, kv_role, secret))
     return app
 
 
