@@ -22,6 +22,9 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    # True when ``attend`` exists: the caller has stored this step's K/V itself (the fused
+    # rotary-and-store kernel), and only the attention remains.
+    attends_stored_kv: bool = False
 
     @abstractmethod
     def forward(
@@ -35,6 +38,18 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """``forward`` without the store: this step's K/V are in the cache already. Only for a
+        backend with ``attends_stored_kv``."""
+        raise NotImplementedError(f"attention backend {self.name!r} stores K/V itself")
 
 
 def store_kv(

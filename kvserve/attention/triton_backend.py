@@ -29,6 +29,7 @@ class TritonBackend(AttentionBackend):
     CUDA tensors, or CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1``)."""
 
     name = "triton"
+    attends_stored_kv = True
 
     def __init__(self) -> None:
         if not (torch.cuda.is_available() or interpreter_on()):
@@ -52,6 +53,16 @@ class TritonBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         store_kv(k_cache, v_cache, key, value, metadata.slot_mapping)
+        return self.attend(query, k_cache, v_cache, metadata, scale)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         if metadata.is_decode_only:
             splits = decode_splits(
                 metadata.num_reqs, k_cache.shape[2], metadata.max_seq_len, self.num_sms

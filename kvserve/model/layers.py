@@ -101,6 +101,24 @@ class RotaryEmbedding(nn.Module):
         return out.to(heads.dtype)
 
 
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,  # [num_tokens]
+        qk: torch.Tensor,  # [num_tokens, num_q_heads + num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_q_heads: int,
+    ) -> torch.Tensor:
+        """``forward`` on q and k, then the rotated k and ``value`` stored into their cache
+        slots, in one Triton launch (``fused_ops`` only); returns the rotated ``qk``."""
+        from kvserve.kernels.rotary_store import rotary_and_store_kv
+
+        return rotary_and_store_kv(qk, value, positions, self.cos, self.sin, k_cache, v_cache,
+                                   slot_mapping, num_q_heads)
+
+
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling | None) -> torch.Tensor:
     if scaling is None:
         return inv_freq

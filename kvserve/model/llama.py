@@ -60,12 +60,18 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        qk = self.rotary(positions, qk)  # q and k heads rotated in one pass
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache
-        out = backend.forward(
-            q, k, v, k_cache, v_cache, metadata, self.scale
-        )  # [tokens, heads, dim]
+        if self.rotary.fused_ops and backend.attends_stored_kv:
+            # one kernel rotates q and k and stores k and v (a launch a layer fewer)
+            qk = self.rotary.rotate_and_store(positions, qk, v, k_cache, v_cache,
+                                              metadata.slot_mapping, self.num_heads)
+            out = backend.attend(qk[:, : self.num_heads], k_cache, v_cache, metadata, self.scale)
+        else:
+            qk = self.rotary(positions, qk)  # q and k heads rotated in one pass
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            out = backend.forward(
+                q, k, v, k_cache, v_cache, metadata, self.scale
+            )  # [tokens, heads, dim]
         return project(self.o_proj, out.reshape(num_tokens, self.q_size), rows)
 
 

@@ -98,3 +98,28 @@ def test_layers_built_with_fused_ops_match_their_torch_path(target: KernelTarget
         assert relative_error(mlp(x), ref_mlp(x)) < target.rel_tol
         expected = ref_rotary(positions, heads)
         assert relative_error(rotary(positions, heads.clone()), expected) < target.rel_tol
+
+
+def test_rotary_and_store_kv_equals_rotary_then_the_store(target: KernelTarget) -> None:
+    """One launch gives what rotating q and k, then storing k and v, gives: rotated heads in
+    place (inside the fused qkv tensor) and the same cache contents, padding rows skipped."""
+    from kvserve.kernels.rotary_store import rotary_and_store_kv
+
+    num_q, num_kv, head_dim, block_size, num_blocks = 9, 3, 64, 4, 6
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None)
+    rotary.build_tables(torch.device(target.device))
+    qkv = rand(target, 5, num_q + 2 * num_kv, head_dim, seed=11)
+    positions = torch.tensor([3, 17, 200, 0, 511], device=target.device)
+    slots = torch.tensor([5, 9, -1, 0, 23], device=target.device)
+    k_cache = rand(target, num_blocks, block_size, num_kv, head_dim, seed=12)
+    v_cache = rand(target, num_blocks, block_size, num_kv, head_dim, seed=13)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    expected_qk = rotary(positions, qkv[:, : num_q + num_kv])
+    stored = slots >= 0
+    torch_store_kv(ref_k, ref_v, expected_qk[stored, num_q:], qkv[stored, num_q + num_kv:],
+                   slots[stored])
+    qk, v = qkv[:, : num_q + num_kv], qkv[:, num_q + num_kv:]
+    rotary_and_store_kv(qk, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots, num_q)
+    assert relative_error(qkv[:, : num_q + num_kv], expected_qk) < target.rel_tol
+    assert relative_error(k_cache, ref_k) < target.rel_tol
+    assert torch.equal(v_cache, ref_v)
