@@ -181,8 +181,12 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt: str | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Yield the request's deltas as they are produced; the last has ``finished`` set.
+        ``tenant`` is who the request belongs to (``kvserve.core.tenants``), ``cache_salt``
+        keeps its prefix-cache blocks apart from those of requests with another salt.
 
         Raises ValueError (bad prompt), QueueFullError, EngineDeadError or RequestFailedError.
         If the caller stops iterating early (a client went away), the request is aborted.
@@ -199,7 +203,8 @@ class AsyncEngine:
                 )
             stream = self._track(request_id, prompt, prompt_token_ids, params, arrival)
             try:
-                self.client.send(AddRequest(request_id, list(prompt_token_ids), params, arrival))
+                self.client.send(AddRequest(request_id, list(prompt_token_ids), params, arrival,
+                                            tenant, cache_salt))
             except BaseException:  # never sent (a value the message cannot carry): keep nothing
                 self._streams.pop(request_id, None)
                 self._outputs.abort(request_id)

@@ -20,6 +20,7 @@ import torch
 from kvserve.analysis.trace import StepTrace, split_tokens
 from kvserve.core.request import Request
 from kvserve.core.scheduler import Scheduler, SchedulerOutput
+from kvserve.core.tenants import DEFAULT_TENANT
 from kvserve.engine.messages import AddRequest, EngineOutput, Stats
 from kvserve.engine.prompt_logprobs import PromptLogprobsBuffer
 from kvserve.outputs import RequestOutput
@@ -115,6 +116,8 @@ class EngineCore:
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         return Request(
             request_id=request_id if request_id is not None else str(next(self._ids)),
@@ -123,12 +126,15 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids,
             arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
             max_model_len=self.max_model_len,
+            tenant=tenant or DEFAULT_TENANT,
+            cache_salt=cache_salt or None,
         )
 
     def add(self, message: AddRequest) -> Request:
         """``add_request`` for a request that came as a message."""
         request = self.new_request(
-            message.prompt_token_ids, message.params, message.request_id, message.arrival_time
+            message.prompt_token_ids, message.params, message.request_id, message.arrival_time,
+            message.tenant, message.cache_salt,
         )
         self.add_request(request)
         return request
