@@ -71,7 +71,7 @@ class _InFlight:
     scheduled: SchedulerOutput
     pending: PendingOutput
     started: float
-    split: tuple[int, int] | None
+    split: dict[str, tuple[int, int]] | None  # the step's (prefill, decode) tokens by tenant
 
 
 class EngineCore:
@@ -238,7 +238,7 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         launched = None
         if not scheduled.is_empty:
-            split = split_tokens(scheduled, self.scheduler) if self.trace is not None else None
+            split = split_tokens(scheduled) if self.trace is not None else None
             try:
                 pending = self.runner.launch(scheduled, frozenset(self._capture_logits))
             except Exception as error:
@@ -302,7 +302,7 @@ class EngineCore:
         outputs = [self._output(request, result.sampled[request.request_id])
                    for request in updated]
         if self.trace is not None and step.split is not None:
-            self.trace.step(step.started, time.perf_counter(), *step.split, self.stats())
+            self.trace.step(step.started, time.perf_counter(), step.split, self.stats())
         return outputs
 
     def _fail(self, scheduled: SchedulerOutput, error: BaseException) -> StepFailed:
@@ -349,7 +349,7 @@ class EngineCore:
             scheduled_time=request.first_scheduled_time,
             first_token_time=first_token_time,
             finished_time=time.perf_counter(),
-        ))
+        ), tenant=request.tenant if self.scheduler.config.tenants is not None else None)
 
     # -- named operations ------------------------------------------------------------------
 
