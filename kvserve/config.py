@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.core.tenants import TenantConfig
 from kvserve.kernels.availability import HAS_TRITON
 from kvserve.worker.kv_cache import parse_memory_size
 
@@ -50,8 +51,13 @@ class EngineConfig:
     # CPU weight-only quantization: auto keeps a GGUF's Q4_0/Q4_1 (int4) or Q8_0 (int8) weights
     # quantized where torch has the kernel; none is the exact float path (the oracle)
     quantization: str = "auto"
+    # --tenant-config FILE (TOML or JSON, read here so a bad file fails at once), or a
+    # TenantConfig: weights, KV quotas, priorities and isolation by tenant. None: one tenant.
+    tenant_config: str | TenantConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.tenant_config, str):
+            object.__setattr__(self, "tenant_config", TenantConfig.from_file(self.tenant_config))
         if self.device == "auto":
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         if self.max_num_seqs is None:

@@ -1,5 +1,6 @@
 """`kvserve analyze`: the roofline of this machine with real prefill and decode points, and
-(with --trace) the step timeline and latency histograms of a traced run."""
+(with --trace) the step timeline and latency histograms of a traced run, and for a run with a
+tenant config its per-tenant table and KV bands."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def add_analyze_parser(commands: argparse._SubParsersAction) -> None:
         description="Measure the matmul rate and memory bandwidth, time real prefill and "
         "decode steps, and write points.csv, roofline.png and a verdict to --out. With "
         "--trace FILE (from serve/generate/bench --trace), draw timeline.png and latency.png "
-        "from it instead.",
+        "from it instead; a trace of an engine with --tenant-config also gets tenants.png "
+        "(KV blocks held by tenant over time, unwritten slots as their own band) and a "
+        "per-tenant table, printed and written as tenants.csv.",
     )
     analyze.add_argument("--out", type=Path, default=Path("analysis"), help="output directory")
     analyze.add_argument("--trace", type=Path, default=None, dest="trace_input",
@@ -59,8 +62,23 @@ def run_analyze(args: argparse.Namespace) -> int:
         report.plot_latencies(args.out / "latency.png", requests)
         print(f"{len(steps)} steps, {len(requests)} requests: wrote "
               f"{args.out / 'timeline.png'} and {args.out / 'latency.png'}")
+        _tenants(args.out, steps, requests)
         return 0
     return _measure(args, report)
+
+
+def _tenants(out: Path, steps: list[dict], requests: list[dict]) -> None:
+    """The per-tenant table and bands, for a trace that has tenants."""
+    from kvserve.analysis import tenant_report
+
+    if not tenant_report.has_tenants(steps):
+        return
+    rows = tenant_report.tenant_rows(steps, requests)
+    for line in tenant_report.format_table(rows):
+        print(line)
+    tenant_report.write_tenant_csv(out / "tenants.csv", rows)
+    tenant_report.plot_tenants(out / "tenants.png", steps, [row.tenant for row in rows])
+    print(f"wrote {out / 'tenants.csv'} and {out / 'tenants.png'}")
 
 
 def _measure(args: argparse.Namespace, report) -> int:

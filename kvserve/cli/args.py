@@ -106,6 +106,13 @@ def add_engine_args(parser: argparse.ArgumentParser, trace: bool = True) -> None
             "(for kvserve analyze --trace)",
         )
     group.add_argument(
+        "--tenant-config",
+        default=None,
+        metavar="FILE",
+        help="TOML or JSON file of tenants (an API key's name, else the request's user): "
+        "weight, kv_quota, priority, max_queue, isolate_prefix_cache (docs/tenants.md)",
+    )
+    group.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",

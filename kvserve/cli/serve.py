@@ -157,11 +157,12 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                          "prefill|decode engines (or a --disaggregated set); this server has "
                          "none: leave the flag out, or give --role")
     chat_template = read_chat_template(args.chat_template) if args.chat_template else None
+    engine_config = engine_config_from_args(args)  # reads --tenant-config (ValueError if bad)
+    tenant_config = engine_config.tenant_config
+    assert not isinstance(tenant_config, str)  # EngineConfig loaded the file
     # bound before the model loads, so that a port in use is an error at once
     sockets = _bind_listeners(args.host, args.port, kv_listener)
-    engine = AsyncEngine.in_process(
-        engine_config_from_args(args), max_queue=args.max_queue, kv_role=kv_role
-    )
+    engine = AsyncEngine.in_process(engine_config, max_queue=args.max_queue, kv_role=kv_role)
     if chat_template is not None:
         engine.tokenizer.replace_chat_template(chat_template)
     engine.start()  # the engine process loads the model; this one only the tokenizer
@@ -171,9 +172,13 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         engine.tokenizer,
         model_name,
         api_keys=api_keys,
-        metrics=ServerMetrics(model_name=model_name,
-                              client_names=api_keys.names if api_keys else ()),
+        metrics=ServerMetrics(
+            model_name=model_name,
+            client_names=api_keys.names if api_keys else (),
+            tenant_names=tenant_config.names if tenant_config else (),
+        ),
         limits=limits,
+        tenant_config=tenant_config,
     )
     import uvicorn
 

@@ -18,6 +18,18 @@ class PrefixHit:
     num_tokens: int = 0
 
 
+def block_salts(request: Request) -> tuple[str, ...]:
+    """The extra keys of a request's first block: an isolated tenant's salt and the request's
+    own ``cache_salt``, each tagged with its kind, so that no ``cache_salt`` a client sends can
+    equal a tenant's salt."""
+    salts = []
+    if request.tenant_salt:
+        salts.append(f"tenant={request.tenant_salt}")
+    if request.cache_salt:
+        salts.append(f"salt={request.cache_salt}")
+    return tuple(salts)
+
+
 class KVCacheManager:
     """Owns every request's block table; allocation is all-or-nothing per step.
 
@@ -139,7 +151,7 @@ class KVCacheManager:
 
     def _extend_keys(self, request: Request, num_tokens: int) -> None:
         if len(request.block_keys) < num_tokens // self.block_size:
-            extra = (request.cache_salt,) if request.cache_salt else ()
+            extra = block_salts(request)
             extend_block_keys(
                 request.block_keys, request.all_token_ids[:num_tokens], self.block_size, extra
             )

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from kvserve.core.block_hash import BlockKey
+from kvserve.core.tenants import DEFAULT_TENANT
 from kvserve.sampling_params import SamplingParams
 
 # Stands for a token a step in flight samples; the model runner puts the real id in its place
@@ -47,6 +48,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # perf_counter when first admitted (queue time)
     cache_salt: str | None = None  # isolates this request's prefix-cache entries from others'
+    tenant: str = DEFAULT_TENANT  # who it belongs to (kvserve.core.tenants): fair share, quota
+    tenant_salt: str | None = None  # an isolated tenant's: its blocks are never others' hits
     block_keys: list[BlockKey] = field(default_factory=list)  # of its full blocks, kept on preempt
     num_output_placeholders: int = 0  # tokens scheduled steps will sample, not yet appended
 

@@ -8,6 +8,12 @@ calls: the decode engine reserves blocks, the prefill engine computes the KV and
 first token (with the request's grammar, seed and logprobs), and the decode engine streams the
 rest, detokenized and cut at stop strings by its own front end. Its deltas are turned back
 into ``StreamDelta``s here, with the router's own clock for the timings.
+
+Tenants are not carried to the engines (yet): ``generate`` takes a request's ``tenant`` and
+``cache_salt`` as a colocated engine does, but the ``/kv/*`` calls do not send them, so the
+disaggregated engines schedule first come, first served, share one prefix cache between all
+requests, and have no per-tenant queue limit. Carrying them needs both fields on ReserveKV and
+PrefillAndSend (the decode engine's prefix lookup and the prefill engine's must salt alike).
 """
 
 from __future__ import annotations
@@ -109,10 +115,13 @@ class DisaggregatedEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt: str | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """The request's deltas; raises RouterError (an HTTP status and why) if an engine
         refuses or fails it. Stopping early closes the decode engine's stream, which aborts
-        the request there."""
+        the request there. ``tenant`` and ``cache_salt`` are accepted and not forwarded: the
+        disaggregated engines schedule first come, first served (see the module docstring)."""
         if not self.is_running:
             raise EngineDeadError("the router is shutting down")
         self.validate(prompt_token_ids)

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from kvserve.config import EngineConfig, KVRole
+from kvserve.core.tenants import TenantConfig
 from kvserve.engine.core_client import CoreClient, ThreadCoreClient
 from kvserve.engine.core_loop import CoreOps
 from kvserve.engine.engine_core import EngineCore, validate_params, validate_prompt
@@ -37,6 +38,7 @@ from kvserve.engine.messages import (
     ToFront,
 )
 from kvserve.engine.output_processor import OutputProcessor, StreamDelta
+from kvserve.engine.tenant_queue import TenantQueue
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
 
@@ -45,6 +47,16 @@ logger = logging.getLogger("kvserve")
 
 class QueueFullError(RuntimeError):
     """More requests are waiting than ``max_queue`` allows; retry later."""
+
+
+class TenantQueueFullError(QueueFullError):
+    """``tenant`` has ``limit`` requests waiting already (its policy's ``max_queue``)."""
+
+    def __init__(self, tenant: str, limit: int | None) -> None:
+        super().__init__(f"tenant {tenant!r} already has {limit} requests waiting (its "
+                         f"max_queue is {limit}); retry later")
+        self.tenant = tenant
+        self.limit = limit
 
 
 class EngineDeadError(RuntimeError):
@@ -80,11 +92,13 @@ class AsyncEngine:
     """Streams of deltas over a CoreClient; see the module docstring."""
 
     def __init__(
-        self, client: CoreClient, tokenizer: Tokenizer, max_queue: int | None = None
+        self, client: CoreClient, tokenizer: Tokenizer, max_queue: int | None = None,
+        tenants: TenantConfig | None = None,
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
         self.max_queue = max_queue
+        self.tenants = tenants  # the core's: each tenant's max_queue is checked here
         self.on_dead: Callable[[str], None] | None = None  # told once if the core dies
         self._outputs = OutputProcessor(tokenizer)
         self._streams: dict[str, _Stream] = {}
@@ -95,6 +109,7 @@ class AsyncEngine:
         self._stats: Stats = {}
         self._num_adds_sent = 0
         self._num_adds_taken = 0
+        self._tenant_queue = TenantQueue(tenants)
         self._started = False
         self._stopped = False
         self.dead_reason: str | None = None
@@ -108,7 +123,8 @@ class AsyncEngine:
         ops: CoreOps | None = None,
     ) -> AsyncEngine:
         """The core loop in a thread of this process (tests; an engine already built)."""
-        return cls(ThreadCoreClient(core, ops), tokenizer, max_queue)
+        return cls(ThreadCoreClient(core, ops), tokenizer, max_queue,
+                   core.scheduler.config.tenants)
 
     @classmethod
     def in_process(
@@ -119,7 +135,8 @@ class AsyncEngine:
         from kvserve.model.loader import load_model_tokenizer
 
         tokenizer = load_model_tokenizer(config.model, config.load_format)
-        return cls(ProcessCoreClient(config, kv_role), tokenizer, max_queue)
+        return cls(ProcessCoreClient(config, kv_role), tokenizer, max_queue,
+                   config.tenant_config)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -181,10 +198,15 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt: str | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Yield the request's deltas as they are produced; the last has ``finished`` set.
+        ``tenant`` is who the request belongs to (``kvserve.core.tenants``), ``cache_salt``
+        keeps its prefix-cache blocks apart from those of requests with another salt.
 
-        Raises ValueError (bad prompt), QueueFullError, EngineDeadError or RequestFailedError.
+        Raises ValueError (bad prompt), QueueFullError (the engine's ``max_queue``, or
+        TenantQueueFullError: the tenant's), EngineDeadError or RequestFailedError.
         If the caller stops iterating early (a client went away), the request is aborted.
         """
         self._check_running()
@@ -197,14 +219,19 @@ class AsyncEngine:
                     f"{self.num_waiting} requests are already waiting (max_queue "
                     f"{self.max_queue}); retry later"
                 )
+            full = self._tenant_queue.full(tenant)
+            if full is not None:
+                raise TenantQueueFullError(full.name, full.max_queue)
             stream = self._track(request_id, prompt, prompt_token_ids, params, arrival)
             try:
-                self.client.send(AddRequest(request_id, list(prompt_token_ids), params, arrival))
+                self.client.send(AddRequest(request_id, list(prompt_token_ids), params, arrival,
+                                            tenant, cache_salt))
             except BaseException:  # never sent (a value the message cannot carry): keep nothing
                 self._streams.pop(request_id, None)
                 self._outputs.abort(request_id)
                 raise
             self._num_adds_sent += 1
+            self._tenant_queue.add(request_id, tenant)
         async for delta in self._follow(request_id, stream):
             yield delta
 
@@ -218,6 +245,7 @@ class AsyncEngine:
         with self._lock:
             known = self._streams.pop(request_id, None) is not None
             self._outputs.abort(request_id)
+            self._tenant_queue.remove(request_id)
         if known and self.is_running:
             self.client.send(AbortRequests([request_id]))
 
@@ -308,6 +336,7 @@ class AsyncEngine:
                     "the engine failed while running this request"))
             deltas, stopped = self._outputs.process(message.outputs)
             for delta in deltas:
+                self._tenant_queue.remove(delta.request_id)  # it has output: no longer queued
                 stream = self._streams.get(delta.request_id)
                 if stream is None:
                     continue
@@ -320,6 +349,7 @@ class AsyncEngine:
     def _end(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)
         self._outputs.abort(request_id)
+        self._tenant_queue.remove(request_id)
         if stream is not None:
             stream.put(error)
 
@@ -349,6 +379,7 @@ class AsyncEngine:
             calls, self._calls = self._calls, {}
             for request_id in streams:
                 self._outputs.abort(request_id)
+                self._tenant_queue.remove(request_id)
         for stream in streams.values():
             stream.put(error)
         for future in calls.values():

@@ -95,6 +95,7 @@ def build_engine(
         max_num_batched_tokens=config.max_num_batched_tokens or default_batched_tokens(
             config, max_model_len),
         max_model_len=max_model_len,
+        tenants=config.tenant_config,
     )
     kv_manager = KVCacheManager(
         kv_cache.num_blocks, kv_cache.block_size, config.enable_prefix_caching

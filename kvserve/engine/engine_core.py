@@ -20,6 +20,7 @@ import torch
 from kvserve.analysis.trace import StepTrace, split_tokens
 from kvserve.core.request import Request
 from kvserve.core.scheduler import Scheduler, SchedulerOutput
+from kvserve.core.tenants import DEFAULT_TENANT
 from kvserve.engine.messages import AddRequest, EngineOutput, Stats
 from kvserve.engine.prompt_logprobs import PromptLogprobsBuffer
 from kvserve.outputs import RequestOutput
@@ -70,7 +71,7 @@ class _InFlight:
     scheduled: SchedulerOutput
     pending: PendingOutput
     started: float
-    split: tuple[int, int] | None
+    split: dict[str, tuple[int, int]] | None  # the step's (prefill, decode) tokens by tenant
 
 
 class EngineCore:
@@ -115,6 +116,8 @@ class EngineCore:
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         return Request(
             request_id=request_id if request_id is not None else str(next(self._ids)),
@@ -123,12 +126,15 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids,
             arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
             max_model_len=self.max_model_len,
+            tenant=tenant or DEFAULT_TENANT,
+            cache_salt=cache_salt or None,
         )
 
     def add(self, message: AddRequest) -> Request:
         """``add_request`` for a request that came as a message."""
         request = self.new_request(
-            message.prompt_token_ids, message.params, message.request_id, message.arrival_time
+            message.prompt_token_ids, message.params, message.request_id, message.arrival_time,
+            message.tenant, message.cache_salt,
         )
         self.add_request(request)
         return request
@@ -232,7 +238,7 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         launched = None
         if not scheduled.is_empty:
-            split = split_tokens(scheduled, self.scheduler) if self.trace is not None else None
+            split = split_tokens(scheduled) if self.trace is not None else None
             try:
                 pending = self.runner.launch(scheduled, frozenset(self._capture_logits))
             except Exception as error:
@@ -296,7 +302,7 @@ class EngineCore:
         outputs = [self._output(request, result.sampled[request.request_id])
                    for request in updated]
         if self.trace is not None and step.split is not None:
-            self.trace.step(step.started, time.perf_counter(), *step.split, self.stats())
+            self.trace.step(step.started, time.perf_counter(), step.split, self.stats())
         return outputs
 
     def _fail(self, scheduled: SchedulerOutput, error: BaseException) -> StepFailed:
@@ -343,7 +349,7 @@ class EngineCore:
             scheduled_time=request.first_scheduled_time,
             first_token_time=first_token_time,
             finished_time=time.perf_counter(),
-        ))
+        ), tenant=request.tenant if self.scheduler.config.tenants is not None else None)
 
     # -- named operations ------------------------------------------------------------------
 

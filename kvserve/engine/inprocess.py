@@ -57,9 +57,11 @@ class InProcessEngine:
         self.core.validate_prompt(prompt_token_ids)
 
     def new_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        tenant: str | None = None, cache_salt: str | None = None,
     ) -> Request:
-        return self.core.new_request(prompt_token_ids, params, request_id)
+        return self.core.new_request(prompt_token_ids, params, request_id, tenant=tenant,
+                                     cache_salt=cache_salt)
 
     def add_request(
         self, request: Request, prompt: str | None = None, capture_logits: bool = False,

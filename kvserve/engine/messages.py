@@ -30,7 +30,8 @@ from kvserve.step_output import SampledToken
 
 logger = logging.getLogger("kvserve")
 
-Stats = dict[str, int | float]
+# counters and gauges by name; "tenants" (when configured) maps each tenant to its own
+Stats = dict[str, int | float | dict[str, dict[str, int | float]]]
 
 
 class AddRequest(msgspec.Struct, tag=True, frozen=True):
@@ -41,6 +42,8 @@ class AddRequest(msgspec.Struct, tag=True, frozen=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    tenant: str | None = None  # kvserve.core.tenants: None is the default tenant
+    cache_salt: str | None = None  # a request's own prefix-cache salt (vLLM's cache_salt)
 
 
 class AbortRequests(msgspec.Struct, tag=True, frozen=True):

@@ -5,8 +5,9 @@
 
 With API keys (``server.api_keys``), every ``/v1`` route needs ``Authorization: Bearer <key>``
 and the matching key's client name is ``request.state.client_name`` (None without keys), which
-the request's log line and ``kvserve:client_requests_total`` carry; ``/health`` and
-``/metrics`` stay open for load balancers and scrapers. The app's lifespan starts the engine's
+the request's log line and ``kvserve:client_requests_total`` carry, and which is the request's
+tenant (else its ``user``; ``serving.tenant_of``); ``/health`` and ``/metrics`` stay open for
+load balancers and scrapers. The app's lifespan starts the engine's
 step loop and stops it; ``begin_drain`` (called on SIGTERM) refuses new requests and gives the
 ones in flight a grace period before they are aborted.
 """
@@ -23,6 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kvserve.core.tenants import TenantConfig
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.server.api_keys import ApiKeys
 from kvserve.server.chat import create_chat_completion
@@ -46,18 +48,20 @@ def build_app(
     health_details: Callable[[], dict[str, Any]] | None = None,
     limits: ServerLimits | None = None,
     api_keys: ApiKeys | None = None,
+    tenant_config: TenantConfig | None = None,
 ) -> FastAPI:
     """An app serving ``async_engine`` as ``model_name``; ``metrics`` is a ServerMetrics;
     ``health_details`` adds fields to ``/health``'s answer (the router's engines that are
     down); ``limits`` bound every request (default: ``ServerLimits()``). ``api_keys`` are the
     clients' keys; ``api_key``, a single one, is short for ``ApiKeys.from_flags(api_key,
-    None)`` (give one or the other)."""
+    None)`` (give one or the other). ``tenant_config`` (``--tenant-config``, the engine's
+    too) names the tenants the log lines and metrics tell apart."""
     if api_key is not None:
         if api_keys is not None:
             raise ValueError("build_app takes api_key or api_keys, not both")
         api_keys = ApiKeys.from_flags(api_key, None)
     ctx = ServerContext(async_engine, tokenizer, model_name, api_keys, metrics,
-                        limits or ServerLimits())
+                        limits or ServerLimits(), tenant_config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,7 +118,8 @@ def _v1_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/stats")
     async def stats() -> JSONResponse:
-        """The engine's counters (``AsyncEngine.stats``) and the requests in flight."""
+        """The engine's counters (``AsyncEngine.stats``; ``tenants`` by tenant, with a tenant
+        config) and the requests in flight."""
         return JSONResponse({**ctx.engine.stats(), "num_in_flight": ctx.engine.num_in_flight})
 
     return router

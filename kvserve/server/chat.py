@@ -39,6 +39,7 @@ from kvserve.server.serving import (
     new_id,
     off_loop,
     run_to_completion,
+    tenant_of,
     unix_time,
     usage,
 )
@@ -64,7 +65,8 @@ async def create_chat_completion(
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     response_id = new_id("chatcmpl")
     requests = choice_requests(
-        ctx, body, prompts, response_id, "messages", logprobs, max_tokens_param
+        ctx, body, prompts, response_id, "messages", logprobs, max_tokens_param,
+        tenant_of(request, body),
     )
     streams = ctx.streams(requests, request)
     await streams.start()

@@ -41,6 +41,7 @@ from kvserve.server.serving import (
     new_id,
     off_loop,
     run_to_completion,
+    tenant_of,
     unix_time,
     usage,
 )
@@ -54,7 +55,7 @@ async def create_completion(
     _check_echo_fields(body)
     prompts = await off_loop(_prompts, ctx, body.prompt)  # tokenized in a worker thread
     response_id = new_id("cmpl")
-    requests = _engine_requests(ctx, body, prompts, response_id)
+    requests = _engine_requests(ctx, body, prompts, response_id, tenant_of(request, body))
     streams = ctx.streams(requests, request)
     await streams.start()
     if body.stream:
@@ -85,11 +86,14 @@ def _check_echo_fields(body: CompletionRequest) -> None:
 
 
 def _engine_requests(
-    ctx: ServerContext, body: CompletionRequest, prompts: list[PromptInput], response_id: str
+    ctx: ServerContext, body: CompletionRequest, prompts: list[PromptInput], response_id: str,
+    tenant: str | None,
 ) -> list[ChoiceRequest]:
-    """The engine requests: one token where ``max_tokens`` is 0, prompt logprobs where asked."""
+    """The engine requests of ``tenant``: one token where ``max_tokens`` is 0, prompt logprobs
+    where asked."""
     engine_body = body.model_copy(update={"max_tokens": 1}) if body.max_tokens == 0 else body
-    requests = choice_requests(ctx, engine_body, prompts, response_id, "prompt", body.logprobs)
+    requests = choice_requests(ctx, engine_body, prompts, response_id, "prompt", body.logprobs,
+                               tenant=tenant)
     num_prompt = engine_prompt_logprobs(body)
     if num_prompt is not None:
         for item in requests:

@@ -16,7 +16,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvserve.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
+from kvserve.engine.async_engine import (
+    EngineDeadError,
+    QueueFullError,
+    RequestFailedError,
+    TenantQueueFullError,
+)
 
 logger = logging.getLogger("kvserve.server")
 
@@ -127,6 +132,19 @@ def install_error_handlers(app: FastAPI) -> None:
             APIError(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 f"the server is overloaded: {error}",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        )
+
+    @app.exception_handler(TenantQueueFullError)
+    async def tenant_queue_full(request: Request, error: TenantQueueFullError) -> JSONResponse:
+        """Only this tenant is refused: the others' requests are still admitted."""
+        return _json(
+            APIError(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                str(error),
                 type="rate_limit_error",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(RETRY_AFTER_S)},

@@ -2,9 +2,9 @@
 
 Requests accept and ignore fields they do not know (OpenAI clients send extras), but a known
 field with an invalid value is an error that names the field and its limit. ``top_k``,
-``min_p`` and ``ignore_eos`` are extensions (as in vLLM). A field kvserve knows but does not
-honour yet (``best_of``, ``functions``...) is refused by name (``unsupported_field``), never
-silently ignored.
+``min_p``, ``ignore_eos`` and ``cache_salt`` are extensions (as in vLLM). A field kvserve
+knows but does not honour yet (``best_of``, ``functions``...) is refused by name
+(``unsupported_field``), never silently ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ MAX_N = 16  # most choices per prompt
 MAX_TOP_LOGPROBS = 20  # as SamplingParams allows
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; larger biases are clamped to it
+MAX_CACHE_SALT_CHARS = 256  # a salt is an opaque tag, not a payload
 
 
 class FieldError(ValueError):
@@ -138,7 +139,9 @@ class SamplingRequest(_Request):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # the tenant, for a request without an API key's name
+    # vLLM's extension: requests with different salts never share prefix-cache blocks
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     top_k: int | None = Field(None, le=INT64_MAX)  # extension: -1 or 0 disables
     min_p: float | None = None  # extension
     ignore_eos: bool = False  # extension

@@ -1,12 +1,14 @@
 """One INFO line per finished request, in ``key=value`` form so it is easy to read and to grep.
 
-    request finished: id=chatcmpl-3 client=alice reason=stop prompt_tokens=42 cached_tokens=32
-    completion_tokens=17 queue_ms=0.4 ttft_ms=35.2 decode_tokens_per_s=48.1 e2e_ms=367.9
+    request finished: id=chatcmpl-3 client=alice tenant=alice reason=stop prompt_tokens=42
+    cached_tokens=32 completion_tokens=17 queue_ms=0.4 ttft_ms=35.2 decode_tokens_per_s=48.1
+    e2e_ms=367.9
 
 (one line in the log). ``client`` is the name of the API key the request came with
-(``--api-key-file``; ``default`` for ``--api-key``). A value that does not exist is ``-``: the
-client of a server without keys, the TTFT and decode rate of a request aborted before its
-first token, the decode rate of one that produced a single token.
+(``--api-key-file``; ``default`` for ``--api-key``); ``tenant`` the tenant it counted as
+(``kvserve.core.tenants``: a configured name, ``default`` or ``other``). A value that does not
+exist is ``-``: the client of a server without keys, the TTFT and decode rate of a request
+aborted before its first token, the decode rate of one that produced a single token.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ def decode_tokens_per_s(output: RequestOutput) -> float | None:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def format_finished(output: RequestOutput, client_name: str | None = None) -> str:
-    """The log line's text for one finished request of the client ``client_name``."""
+def format_finished(
+    output: RequestOutput, client_name: str | None = None, tenant: str | None = None
+) -> str:
+    """The log line's text for one finished request of the client ``client_name``, counted
+    as ``tenant``."""
     e2e = None if output.finished_time is None else output.finished_time - output.arrival_time
     rate = decode_tokens_per_s(output)
     fields = {
         "id": output.request_id,
         "client": client_name or MISSING,
+        "tenant": tenant or MISSING,
         "reason": output.finish_reason or "abort",
         "prompt_tokens": len(output.prompt_token_ids),
         "cached_tokens": output.num_cached_tokens,
@@ -53,7 +59,10 @@ def format_finished(output: RequestOutput, client_name: str | None = None) -> st
 
 
 def log_finished(
-    output: RequestOutput, logger: logging.Logger | None = None, client_name: str | None = None
+    output: RequestOutput,
+    logger: logging.Logger | None = None,
+    client_name: str | None = None,
+    tenant: str | None = None,
 ) -> None:
     """Log one INFO line for a finished request (any finish reason; missing timings are ``-``).
 
@@ -61,4 +70,4 @@ def log_finished(
     """
     logger = logger or _logger
     if logger.isEnabledFor(logging.INFO):
-        logger.info("%s", format_finished(output, client_name))
+        logger.info("%s", format_finished(output, client_name, tenant))

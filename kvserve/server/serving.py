@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from kvserve.core.tenants import DEFAULT_TENANT, TenantConfig
 from kvserve.engine.async_engine import EngineDeadError, RequestFailedError
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server import sse
-from kvserve.server.api_keys import ApiKeys
+from kvserve.server.api_keys import DEFAULT_CLIENT, ApiKeys
 from kvserve.server.errors import (
     APIError,
     context_length_exceeded,
@@ -53,7 +54,8 @@ def unix_time() -> int:
 
 @dataclass
 class ServerContext:
-    """What every endpoint needs: the engine, the tokenizer, the served name and the metrics."""
+    """What every endpoint needs: the engine, the tokenizer, the served name, the metrics and
+    the tenants (``--tenant-config``; None: every request is the ``default`` tenant's)."""
 
     engine: ServingEngine
     tokenizer: Tokenizer
@@ -61,6 +63,7 @@ class ServerContext:
     api_keys: ApiKeys | None = None
     metrics: Any = None  # a ServerMetrics, or None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    tenant_config: TenantConfig | None = None
     draining: bool = False  # set on SIGTERM: new requests get 503
     created: int = field(default_factory=unix_time)
 
@@ -85,18 +88,40 @@ class ServerContext:
                 type="server_error",
             )
 
-    def on_finished(self, output: RequestOutput, client_name: str | None = None) -> None:
+    def tenant_bucket(self, tenant: str | None) -> str:
+        """The tenant ``tenant`` counts as in the metrics and the log: a configured name,
+        ``default`` or ``other`` (always ``default`` without a tenant config)."""
+        if self.tenant_config is None:
+            return DEFAULT_TENANT
+        return self.tenant_config.bucket(tenant)
+
+    def on_finished(
+        self, output: RequestOutput, client_name: str | None = None, tenant: str | None = None
+    ) -> None:
+        bucket = self.tenant_bucket(tenant)
         if self.metrics is not None:
-            self.metrics.observe_finished(output, client_name)
-        log_finished(output, client_name=client_name)
+            self.metrics.observe_finished(output, client_name, bucket)
+        log_finished(output, client_name=client_name, tenant=bucket)
 
     def streams(self, requests: list[ChoiceRequest], request: Request) -> ChoiceStreams:
         """The choices' streams; each finished one is logged and counted under the client
-        that ``request``'s API key names (``request.state.client_name``)."""
+        that ``request``'s API key names (``request.state.client_name``) and its tenant."""
         client_name = getattr(request.state, "client_name", None)
+        tenant = requests[0].tenant if requests else None
         return ChoiceStreams(self.engine, requests,
-                             lambda output: self.on_finished(output, client_name),
+                             lambda output: self.on_finished(output, client_name, tenant),
                              lambda: self.draining)
+
+
+def tenant_of(request: Request, body: SamplingRequest) -> str | None:
+    """Who a request belongs to: its API key's name (``request.state.client_name``), else the
+    body's ``user``, else None (the ``default`` tenant). The single ``--api-key`` is named
+    ``default``, which names no one: its requests go by ``user`` too. The raw name: the
+    scheduler and the metrics bucket it with the tenant config."""
+    client_name = getattr(request.state, "client_name", None)
+    if client_name is not None and client_name != DEFAULT_CLIENT:
+        return client_name
+    return body.user or None
 
 
 @dataclass(frozen=True)
@@ -127,9 +152,11 @@ def choice_requests(
     prompt_param: str,
     logprobs: int | None,
     max_tokens_param: str = "max_tokens",
+    tenant: str | None = None,
 ) -> list[ChoiceRequest]:
-    """``n`` engine requests per prompt, checked against the model's limits and the
-    server's ``max_request_tokens`` first.
+    """``n`` engine requests per prompt of ``tenant`` (``tenant_of``), with the body's
+    ``cache_salt``, checked against the model's limits and the server's
+    ``max_request_tokens`` first.
 
     Choice ``j`` of prompt ``i`` is response index ``i * n + j``; with a ``seed`` it samples
     with ``seed + j``, so the choices differ but a repeated request gives the same ones.
@@ -155,6 +182,8 @@ def choice_requests(
                     prompt=prompt.text,
                     params=sampling_params(body, max_tokens, j, logprobs, max_tokens_param,
                                            structured),
+                    tenant=tenant,
+                    cache_salt=body.cache_salt,
                 )
             )
     try:

@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from kvserve.engine.messages import Stats
 from kvserve.engine.output_processor import StreamDelta
 from kvserve.sampling_params import SamplingParams
 
-Stats = dict[str, int | float]
+__all__ = ["ServingEngine", "Stats"]
 
 
 class ServingEngine(Protocol):
@@ -42,8 +43,11 @@ class ServingEngine(Protocol):
     def generate(
         self, prompt_token_ids: list[int], params: SamplingParams,
         request_id: str | None = None, prompt: str | None = None,
+        tenant: str | None = None, cache_salt: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
-        """The request's deltas; the last has ``finished`` set. Stopping early aborts it."""
+        """The request's deltas; the last has ``finished`` set. Stopping early aborts it.
+        ``tenant`` is the raw name the request came under (``kvserve.core.tenants`` buckets
+        it), ``cache_salt`` the client's own prefix-cache salt."""
 
     async def admitted(self, request_ids: list[str]) -> None:
         """Return once each request's ``generate`` has been admitted or has failed (its

@@ -30,13 +30,16 @@ FinishedCallback = Callable[[RequestOutput], None]
 
 @dataclass
 class ChoiceRequest:
-    """One engine request: choice ``index`` of the response, for one prompt."""
+    """One engine request: choice ``index`` of the response, for one prompt, of ``tenant``
+    (the raw name: the API key's, else the body's ``user``; the engine buckets it)."""
 
     index: int
     request_id: str
     prompt_token_ids: list[int]
     prompt: str | None
     params: SamplingParams
+    tenant: str | None = None
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -69,7 +72,8 @@ class ChoiceStreams:
         for choice in self._choices.values():
             request = choice.request
             stream = self.engine.generate(
-                request.prompt_token_ids, request.params, request.request_id, request.prompt
+                request.prompt_token_ids, request.params, request.request_id, request.prompt,
+                tenant=request.tenant, cache_salt=request.cache_salt,
             )
             self._tasks.append(asyncio.ensure_future(self._pump(request.index, stream)))
         # One turn of the event loop runs every task up to its first wait: by then each request

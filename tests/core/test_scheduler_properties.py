@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import PLACEHOLDER_TOKEN_ID, Request
 from kvserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kvserve.core.tenants import TenantConfig, TenantPolicy
 from kvserve.sampling_params import SamplingParams
 
 EOS = 1
@@ -52,6 +53,7 @@ class Spec:
     prompt: list[int]
     max_tokens: int
     abort_step: int | None
+    tenant: str = "default"
 
 
 @st.composite
@@ -78,6 +80,23 @@ def workloads(draw: st.DrawFn, tight: bool = False) -> tuple[dict, list[Spec]]:
         arrival = draw(st.integers(0, 2 if tight else 12))
         abort = None if tight else draw(st.one_of(st.none(), st.integers(arrival, arrival + 15)))
         specs.append(Spec(arrival, prompt, draw(st.integers(1, 24 if tight else 8)), abort))
+    return config, specs
+
+
+@st.composite
+def tenant_workloads(draw: st.DrawFn, tight: bool = False) -> tuple[dict, list[Spec]]:
+    """A workload whose requests belong to three tenants of random weights, quotas and
+    isolation (``config["tenants"]``)."""
+    config, specs = draw(workloads(tight))
+    policies = tuple(
+        TenantPolicy(name, weight=draw(st.sampled_from([0.5, 1, 3])),
+                     kv_quota=draw(st.sampled_from([0.25, 0.5, 1.0])),
+                     priority=draw(st.integers(0, 1)), isolate_prefix_cache=draw(st.booleans()))
+        for name in ("A", "B", "C")
+    )
+    config["tenants"] = TenantConfig(policies)
+    for spec in specs:
+        spec.tenant = draw(st.sampled_from(["A", "B", "C"]))
     return config, specs
 
 
@@ -148,6 +167,36 @@ def test_pipelined_tight_pools_preempt_requests_with_a_token_in_flight_and_lose_
     run_workload(*workload, pipelined=True)
 
 
+@settings(max_examples=200, deadline=None)
+@given(tenant_workloads(tight=True))
+def test_tenants_change_the_order_never_the_tokens_and_quotas_hold_at_every_step(
+    workload: tuple[dict, list[Spec]],
+) -> None:
+    run_workload(*workload)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tenant_workloads())
+def test_pipelined_tenant_workloads_give_every_request_its_alone_tokens(
+    workload: tuple[dict, list[Spec]],
+) -> None:
+    run_workload(*workload, pipelined=True)
+
+
+def check_quotas(scheduler: Scheduler, tenants: TenantConfig) -> None:
+    """Each tenant with more than one running request holds at most its quota of the pool
+    while another tenant has work (its oldest request may pass it: see Scheduler). Blocks are
+    counted per table, as the scheduler counts them: a shared prefix block counts for each."""
+    kv = scheduler.kv
+    for name in tenants.names:
+        mine = [r for r in scheduler.running if r.tenant == name]
+        others = [r for r in scheduler.requests.values() if r.tenant != name]
+        quota = tenants.policy(name).kv_quota
+        if len(mine) > 1 and others and quota < 1:
+            held = sum(len(kv.block_table(r.request_id)) for r in mine)
+            assert held <= int(quota * kv.num_blocks), name
+
+
 def run_workload(config: dict, specs: list[Spec], pipelined: bool = False) -> None:
     """Drive the scheduler step by step, checking the invariants around every step.
     ``pipelined``: each step's tokens are handed back after the next step has run."""
@@ -157,6 +206,7 @@ def run_workload(config: dict, specs: list[Spec], pipelined: bool = False) -> No
             max_num_seqs=config["max_num_seqs"],
             max_num_batched_tokens=config["max_num_batched_tokens"],
             max_model_len=config["max_model_len"],
+            tenants=config.get("tenants"),
         ),
         kv,
     )
@@ -173,6 +223,7 @@ def run_workload(config: dict, specs: list[Spec], pipelined: bool = False) -> No
                     eos_token_ids=frozenset({EOS}),
                     arrival_time=float(step_index) + i / 100,
                     max_model_len=config["max_model_len"],
+                    tenant=spec.tenant,
                 )
                 requests[request.request_id] = request
                 scheduler.add_request(request)
@@ -181,6 +232,8 @@ def run_workload(config: dict, specs: list[Spec], pipelined: bool = False) -> No
         kv.check_invariants()
         step = scheduler.schedule()
         kv.check_invariants()
+        if config.get("tenants") is not None:
+            check_quotas(scheduler, config["tenants"])
         assert step.num_tokens <= config["max_num_batched_tokens"]
         assert len(step.scheduled) <= config["max_num_seqs"]
         sampled = model.execute(step, requests)

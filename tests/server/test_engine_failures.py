@@ -53,7 +53,7 @@ def run(llm: LLM, *bodies: dict) -> tuple[list[httpx.Response], ServerMetrics]:
 
 def errors_counted(metrics: ServerMetrics) -> float:
     return metrics.registry.get_sample_value(
-        "kvserve:request_success_total", {"finished_reason": "error"}
+        "kvserve:request_success_total", {"tenant": "default", "finished_reason": "error"}
     )
 
 

@@ -44,7 +44,15 @@ def scrape(metrics: ServerMetrics, stats: dict | None = None) -> Samples:
     return samples
 
 
+# the series observed per request, which carry a tenant label ("default" without tenants)
+BY_TENANT = ("kvserve:time_to_first_token", "kvserve:inter_token_latency",
+             "kvserve:e2e_request_latency", "kvserve:request_queue_time",
+             "kvserve:request_success")
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
+    if name.startswith(BY_TENANT):
+        labels.setdefault("tenant", "default")
     return samples[(name, tuple(sorted(labels.items())))]
 
 
@@ -242,7 +250,8 @@ def test_a_given_registry_is_used_and_guards_duplicates() -> None:
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
     assert metrics.registry is registry
-    assert registry.get_sample_value("kvserve:time_to_first_token_seconds_count") == 0
+    assert registry.get_sample_value("kvserve:time_to_first_token_seconds_count",
+                                     {"tenant": "default"}) == 0
     with pytest.raises(ValueError, match="Duplicated"):
         ServerMetrics(registry)
 
@@ -276,3 +285,56 @@ def test_counters_add_up_with_the_requests_a_real_engine_ran(llm_f32) -> None:
     assert value(after, "kvserve:inter_token_latency_seconds_count") == 18 - 4
     assert value(after, "kvserve:num_requests_running") == 0
     assert value(after, "kvserve:kv_cache_usage_perc") == 0.0
+
+
+TENANTS = ("alice", "bob", "default", "other")  # TenantConfig.names of alice and bob
+
+
+def test_tenant_label_values_are_the_configured_tenants_and_unknown_ones_count_as_other() -> None:
+    metrics = ServerMetrics(tenant_names=TENANTS)
+    metrics.observe_finished(output("a", token_times=(100.5,), finished=101.0), None, "alice")
+    metrics.observe_finished(output("b", token_times=(100.5,), finished=101.0), None, "mallory")
+    metrics.observe_finished(output("c", token_times=(100.5,), finished=101.0), None, None)
+    samples = scrape(metrics)
+    ttft = "kvserve:time_to_first_token_seconds_count"
+    assert {t: value(samples, ttft, tenant=t) for t in TENANTS} == {
+        "alice": 1, "bob": 0, "default": 0, "other": 2}
+    labels = {dict(k[1]).get("tenant") for k in samples if k[0].startswith(BY_TENANT)}
+    assert labels == set(TENANTS)
+    stop = "kvserve:request_success_total"
+    assert value(samples, stop, tenant="other", finished_reason="stop") == 2
+
+
+def test_without_tenants_every_request_is_default_and_no_tenant_series_appear() -> None:
+    metrics = ServerMetrics()
+    metrics.observe_finished(output("a", token_times=(100.5,), finished=101.0), None, "mallory")
+    samples = scrape(metrics)
+    assert value(samples, "kvserve:time_to_first_token_seconds_count", tenant="default") == 1
+    assert {dict(k[1]).get("tenant") for k in samples} <= {None, "default"}
+    assert not any(k[0].startswith("kvserve:tenant_") for k in samples)
+
+
+def test_engine_figures_by_tenant_come_from_the_stats() -> None:
+    figures = {"num_running": 2, "num_waiting": 1, "kv_blocks": 7, "kv_unwritten_slots": 5,
+               "served_tokens": 90, "prefix_cache_queries": 40, "prefix_cache_hits": 32,
+               "num_preemptions": 3}
+    zero = dict.fromkeys(figures, 0)
+    stats = {**STATS, "tenants": {"alice": figures, "bob": zero, "default": zero,
+                                  "other": zero, "unknown": figures}}
+    samples = scrape(ServerMetrics(model_name="m", tenant_names=TENANTS), stats)
+
+    def of(name: str, tenant: str) -> float:
+        return samples[(name, (("model_name", "m"), ("tenant", tenant)))]
+
+    assert of("kvserve:tenant_requests_running", "alice") == 2
+    assert of("kvserve:tenant_requests_waiting", "alice") == 1
+    assert of("kvserve:tenant_kv_blocks", "alice") == 7
+    assert of("kvserve:tenant_kv_unwritten_slots", "alice") == 5
+    assert of("kvserve:tenant_served_tokens_total", "alice") == 90
+    assert of("kvserve:tenant_prefix_cache_queries_total", "alice") == 40
+    assert of("kvserve:tenant_prefix_cache_hits_total", "alice") == 32
+    assert of("kvserve:tenant_num_preemptions_total", "alice") == 3
+    assert of("kvserve:tenant_kv_blocks", "bob") == 0
+    tenants = {dict(k[1])["tenant"] for k in samples if k[0].startswith("kvserve:tenant_")}
+    assert tenants == set(TENANTS)  # a name the label does not know is left out
+    assert samples[("kvserve:num_requests_running", (("model_name", "m"),))] == 3

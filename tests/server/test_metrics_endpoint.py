@@ -18,7 +18,15 @@ def scrape(server: Server) -> dict[tuple[str, tuple], float]:
     }
 
 
+# the series observed per request carry a tenant ("default": this server has no tenants)
+BY_TENANT = ("kvserve:time_to_first_token", "kvserve:inter_token_latency",
+             "kvserve:e2e_request_latency", "kvserve:request_queue_time",
+             "kvserve:request_success")
+
+
 def value(samples: dict, name: str, **labels: str) -> float:
+    if name.startswith(BY_TENANT):
+        labels.setdefault("tenant", "default")
     key = (name, tuple(sorted({"model_name": MODEL, **labels}.items())))
     return samples[key]
 

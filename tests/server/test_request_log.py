@@ -37,8 +37,9 @@ def test_one_info_line_with_the_exact_numbers(caplog: pytest.LogCaptureFixture) 
     record = caplog.records[0]
     assert (record.name, record.levelno) == (LOGGER, logging.INFO)
     assert record.getMessage() == (
-        "request finished: id=chatcmpl-7 client=- reason=length prompt_tokens=12 cached_tokens=8 "
-        "completion_tokens=5 queue_ms=62.5 ttft_ms=250.0 decode_tokens_per_s=8.0 e2e_ms=1000.0"
+        "request finished: id=chatcmpl-7 client=- tenant=- reason=length prompt_tokens=12 "
+        "cached_tokens=8 completion_tokens=5 queue_ms=62.5 ttft_ms=250.0 decode_tokens_per_s=8.0 "
+        "e2e_ms=1000.0"
     )
 
 
@@ -58,7 +59,7 @@ def test_aborted_before_the_first_token(caplog: pytest.LogCaptureFixture) -> Non
     with caplog.at_level(logging.INFO, logger=LOGGER):
         log_finished(aborted)
     assert caplog.records[0].getMessage() == (
-        "request finished: id=req-3 client=- reason=abort prompt_tokens=3 cached_tokens=0 "
+        "request finished: id=req-3 client=- tenant=- reason=abort prompt_tokens=3 cached_tokens=0 "
         "completion_tokens=0 queue_ms=- ttft_ms=- decode_tokens_per_s=- e2e_ms=500.0"
     )
 
@@ -78,7 +79,7 @@ def test_one_token_and_no_end_time_or_reason(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.INFO, logger=LOGGER):
         log_finished(gone)
     assert caplog.records[0].getMessage() == (
-        "request finished: id=req-4 client=- reason=abort prompt_tokens=2 cached_tokens=0 "
+        "request finished: id=req-4 client=- tenant=- reason=abort prompt_tokens=2 cached_tokens=0 "
         "completion_tokens=1 queue_ms=0.0 ttft_ms=125.0 decode_tokens_per_s=- e2e_ms=-"
     )
 

@@ -1,0 +1,61 @@
+"""Which running request gives way when tenants compete: pure functions of the running list.
+
+A tenant's share of a resource (seats in the batch, blocks of the pool) is what it holds
+divided by its weight. The request that gives way is always the newest of its tenant, so
+the older requests of every tenant keep their place; and the oldest running request of all
+never gives way to fairness, so however tenants compete it always progresses and every request
+finishes in turn (without that, two tenants short of blocks could preempt each other forever).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.request import Request
+
+Weight = Callable[[str], float]
+
+
+def newest_of(running: list[Request], tenant: str) -> Request:
+    """The newest running request of ``tenant`` (``running`` is in arrival order)."""
+    return next(r for r in reversed(running) if r.tenant == tenant)
+
+
+def seats_by_tenant(running: list[Request]) -> Counter[str]:
+    return Counter(r.tenant for r in running)
+
+
+def blocks_by_tenant(running: list[Request], kv: KVCacheManager) -> Counter[str]:
+    """Blocks in the tables of each tenant's running requests (a shared block counts for
+    each table holding it)."""
+    held: Counter[str] = Counter()
+    for request in running:
+        held[request.tenant] += len(kv.block_table(request.request_id))
+    return held
+
+
+def most_over_share(running: list[Request], held: Counter[str], weight: Weight) -> Request:
+    """The newest request of the running tenant holding the most per unit of weight."""
+    tenants = {r.tenant for r in running}
+    worst = max(sorted(tenants), key=lambda t: held[t] / weight(t))
+    return newest_of(running, worst)
+
+
+def fairness_victim(
+    running: list[Request], tenant: str, wanted: int, held: Counter[str], weight: Weight
+) -> Request | None:
+    """The request to preempt so that ``tenant`` may take ``wanted`` more units, or None.
+
+    Only a tenant whose share stays above ``tenant``'s even after the move gives way, so two
+    tenants never take units back and forth: each preemption makes the shares more even.
+    """
+    candidates = running[1:]  # never the oldest
+    others = {r.tenant for r in candidates if r.tenant != tenant}
+    if not others:
+        return None
+    worst = max(sorted(others), key=lambda t: held[t] / weight(t))
+    if held[worst] / weight(worst) <= (held[tenant] + wanted) / weight(tenant):
+        return None
+    return newest_of(candidates, worst)
