@@ -21,6 +21,7 @@ from kvserve.core.fair_share import FairShare
 from kvserve.core.kv_cache_manager import KVCacheManager, PrefixHit
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.tenant_shares import (
+    TenantBlocks,
     blocks_by_tenant,
     fairness_victim,
     most_over_share,
@@ -92,8 +93,8 @@ class _Step:
     out: SchedulerOutput
     budget: int
     preempted_short: bool = False  # the pool ran short: admit nobody this step
-    # blocks in the tables of each tenant's running requests (kept only while quotas apply)
-    held: Counter[str] | None = None
+    # the distinct blocks each tenant's running requests hold (kept only while quotas apply)
+    held: TenantBlocks | None = None
 
 
 class Scheduler:
@@ -105,7 +106,8 @@ class Scheduler:
     request of the tenant holding the most blocks for its weight (with one tenant, simply the
     newest); a victim already granted in the same step has its grant taken back.
 
-    A tenant's ``kv_quota`` caps the blocks its running requests hold while another tenant has
+    A tenant's ``kv_quota`` caps the distinct blocks its running requests hold (a shared system
+    prompt's blocks count once, however many of its requests use them) while another tenant has
     a request waiting or running: it is not admitted past it, a request of it that would grow
     past it preempts the tenant's own newest, and one over it when another tenant arrives is
     cut down to it at the next step. Alone, a tenant may use the whole pool. So that every
@@ -172,7 +174,7 @@ class Scheduler:
         if self.config.tenants is not None and self.waiting:
             self._make_room_for_fair_share(step)
         if self._quotas_on:
-            step.held = blocks_by_tenant(self.running, self.kv)
+            step.held = TenantBlocks(self.running, self.kv)
             self._cut_to_quotas(step)
         for request in list(self.running):
             if step.budget == 0:
@@ -219,9 +221,10 @@ class Scheduler:
             prefix = None if skip_cache else self.kv.find_cached_prefix(request)
             start = prefix.num_tokens if prefix else request.num_computed_tokens
             num_new = min(request.num_tokens - start, step.budget)
-            table = self.kv.blocks_for_tokens(start + num_new)
             if (step.held is not None and request.tenant in seats_by_tenant(self.running)
-                    and self._over_quota(request.tenant, step.held[request.tenant] + table)):
+                    and self._over_quota(request.tenant, step.held.held(request.tenant)
+                                         + self._new_blocks(request, start + num_new, prefix,
+                                                            step.held))):
                 passed_over.add(request.tenant)
                 continue
             if not self.kv.allocate_slots(request, num_new, prefix):
@@ -229,7 +232,7 @@ class Scheduler:
             self.waiting.pop(request)
             self._admit(request, prefix)
             if step.held is not None:
-                step.held[request.tenant] += len(self.kv.block_table(request.request_id))
+                step.held.add(request.tenant, self.kv.block_table(request.request_id))
             step.out.scheduled.append(self._grant(request, num_new, step))
 
     def _make_room_for_fair_share(self, step: _Step) -> None:
@@ -282,7 +285,7 @@ class Scheduler:
             if victim is request:
                 return False
         if step.held is not None:
-            step.held[request.tenant] += len(self.kv.block_table(request.request_id)) - old_len
+            step.held.add(request.tenant, self.kv.block_table(request.request_id)[old_len:])
         return True
 
     def _pick_victim(self, step: _Step) -> Request:
@@ -311,7 +314,8 @@ class Scheduler:
         assert step.held is not None
         table = len(self.kv.block_table(request.request_id))
         growth = self.kv.blocks_for_tokens(request.num_computed_tokens + num_new) - table
-        while (growth > 0 and self._over_quota(request.tenant, step.held[request.tenant] + growth)
+        while (growth > 0 and self._over_quota(request.tenant, step.held.held(request.tenant)
+                                                + growth)
                and self._num_running(request.tenant) > 1):
             victim = newest_of(self.running, request.tenant)
             self._preempt(victim, step)
@@ -323,16 +327,25 @@ class Scheduler:
         """Preempt the newest requests of each tenant over its quota while others have work."""
         assert step.held is not None
         for tenant in sorted({r.tenant for r in self.running}):
-            while self._over_quota(tenant, step.held[tenant]) and self._num_running(tenant) > 1:
+            while (self._over_quota(tenant, step.held.held(tenant))
+                   and self._num_running(tenant) > 1):
                 victim = newest_of(self.running, tenant)
                 self._preempt(victim, step)
+
+    def _new_blocks(self, request: Request, num_tokens: int, prefix: PrefixHit | None,
+                    held: TenantBlocks) -> int:
+        """Blocks its tenant would hold anew by admitting ``request`` with ``num_tokens``
+        computed: fresh ones, and cached ones its other requests do not hold already."""
+        hit = prefix.block_ids if prefix else []
+        return self.kv.blocks_for_tokens(num_tokens) - len(hit) + held.not_held(request.tenant,
+                                                                                  hit)
 
     def _num_running(self, tenant: str) -> int:
         return sum(1 for r in self.running if r.tenant == tenant)
 
     def _preempt(self, request: Request, step: _Step) -> None:
         if step.held is not None:
-            step.held[request.tenant] -= len(self.kv.block_table(request.request_id))
+            step.held.remove(request.tenant, self.kv.block_table(request.request_id))
         self.running.remove(request)
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED

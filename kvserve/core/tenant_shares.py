@@ -59,3 +59,34 @@ def fairness_victim(
     if held[worst] / weight(worst) <= (held[tenant] + wanted) / weight(tenant):
         return None
     return newest_of(candidates, worst)
+
+
+class TenantBlocks:
+    """The distinct blocks each tenant's running requests hold, what its ``kv_quota`` caps: a
+    prefix block two of its requests share counts once (a block two tenants share counts for
+    each). Built from the running requests' tables at the start of a step and kept up to date
+    through it; costs a pass over those tables, so the scheduler builds it only when a quota
+    is configured."""
+
+    def __init__(self, running: list[Request], kv: KVCacheManager) -> None:
+        self._counts: dict[str, Counter[int]] = {}
+        for request in running:
+            self.add(request.tenant, kv.block_table(request.request_id))
+
+    def held(self, tenant: str) -> int:
+        return len(self._counts.get(tenant, ()))
+
+    def not_held(self, tenant: str, block_ids: list[int]) -> int:
+        """How many of ``block_ids`` the tenant does not hold yet."""
+        counts = self._counts.get(tenant, Counter())
+        return sum(1 for block_id in block_ids if block_id not in counts)
+
+    def add(self, tenant: str, block_ids: list[int]) -> None:
+        self._counts.setdefault(tenant, Counter()).update(block_ids)
+
+    def remove(self, tenant: str, block_ids: list[int]) -> None:
+        counts = self._counts[tenant]
+        for block_id in block_ids:
+            counts[block_id] -= 1
+            if counts[block_id] == 0:
+                del counts[block_id]

@@ -96,9 +96,10 @@ def test_a_tenant_at_its_kv_quota_never_holds_more_while_another_has_work() -> N
     checked = []
 
     def check(s: Scheduler, step: int) -> None:
-        held = {"A": 0, "B": 0}
+        blocks: dict[str, set[int]] = {"A": set(), "B": set()}
         for request in s.running:
-            held[request.tenant] += len(s.kv.block_table(request.request_id))
+            blocks[request.tenant].update(s.kv.block_table(request.request_id))
+        held = {tenant: len(ids) for tenant, ids in blocks.items()}
         b_has_work = any(r.tenant == "B" for r in s.requests.values())
         a_running = sum(1 for r in s.running if r.tenant == "A")
         if b_has_work and a_running > 1:
@@ -120,12 +121,29 @@ def test_a_tenant_over_its_quota_when_another_arrives_is_cut_down_at_the_next_st
     seen = {}
 
     def check(s: Scheduler, step: int) -> None:
-        seen[step] = sum(len(s.kv.block_table(r.request_id)) for r in s.running
-                         if r.tenant == "A")
+        seen[step] = len({b for r in s.running if r.tenant == "A"
+                          for b in s.kv.block_table(r.request_id)})
 
     drive(scheduler, arrivals, on_step=check)
     assert seen[7] > 8  # A alone: 6 requests of 3-4 blocks each
     assert seen[8] <= 8  # B arrived: A is cut to a quarter of 32 blocks
+
+
+def test_a_quota_counts_a_prefix_its_requests_share_once() -> None:
+    """Three requests of A share a 4-block system prompt and add a block each: 7 distinct
+    blocks, within A's quota of 8 of 16, though their tables hold 15 together."""
+    tenants = TenantConfig((TenantPolicy("A", kv_quota=0.5), TenantPolicy("B")))
+    scheduler = make_scheduler(tenants, num_blocks=16, max_num_seqs=8)
+    system = [7] * 16
+    arrivals = [Arrival(0, "A", system + [20 + i] * 3, 2) for i in range(3)]
+    arrivals.append(Arrival(0, "B", [50] * 4, 24))  # B has work all along
+    running_a = []
+
+    def check(s: Scheduler, step: int) -> None:
+        running_a.append(sum(1 for r in s.running if r.tenant == "A"))
+
+    drive(scheduler, arrivals, on_step=check)
+    assert max(running_a) == 3
 
 
 def test_a_quota_never_starves_its_tenant_oldest_request() -> None:

@@ -8,17 +8,21 @@ and share. Every request must finish with no error and its full length, the pool
 at the end, and every request's greedy text must be the one it gets alone (tenancy changes
 order, never tokens). Each tenant's TTFT p99 (client side, to the first streamed token) and
 peak KV share (``/v1/stats`` polled during the run: the blocks in its running requests' tables
-over the pool) are printed (``pytest -s`` shows them). The generations are short (12 tokens)
+over the pool) are printed (``pytest -s`` shows them), and ``kvserve analyze --trace`` draws
+the run's per-tenant KV bands from the server's step trace. The generations are short (12 tokens)
 for a CPU test, whose time is the engine's float32 steps, the solo runs' included.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -43,10 +47,14 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = tmp_path_factory.mktemp("tenants")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tenants")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[Server]:
     (folder / "tenants.toml").write_text(TENANT_FILE)
-    server = start_server(folder / "server.log", *POOL,
+    server = start_server(folder / "server.log", *POOL, "--trace", str(folder / "trace.jsonl"),
                           "--tenant-config", str(folder / "tenants.toml"))
     try:
         yield server
@@ -115,7 +123,7 @@ def p99(values: list[float]) -> float:
 
 
 def test_three_tenants_on_a_small_pool_finish_with_the_tokens_they_get_alone(
-    server: Server,
+    server: Server, folder: Path,
 ) -> None:
     # each tenant sends both incidents, all six requests at once
     sent = [(tenant, SYSTEM + incident) for tenant in TENANTS for incident in INCIDENTS]
@@ -144,3 +152,13 @@ def test_three_tenants_on_a_small_pool_finish_with_the_tokens_they_get_alone(
               for (tenant, prompt), result in zip(sent, results, strict=True)
               if result["text"] != alone[prompt]]
     assert not differ, differ
+    # the step trace (line-buffered, complete once the server is idle) draws each tenant's band
+    analyze = subprocess.run(
+        [sys.executable, "-m", "kvserve.cli.main", "analyze", "--trace",
+         str(folder / "trace.jsonl"), "--out", str(folder / "analysis")],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert analyze.returncode == 0, analyze.stderr[-3000:]
+    print(analyze.stdout)
+    rows = (folder / "analysis" / "tenants.csv").read_text().splitlines()
+    assert {row.split(",")[0] for row in rows[1:]} >= set(TENANTS)
+    assert (folder / "analysis" / "tenants.png").stat().st_size > 10_000
