@@ -5,9 +5,12 @@ the tenant furthest over its share."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvserve.core.request import RequestStatus
 from kvserve.core.scheduler import Scheduler
@@ -197,3 +200,34 @@ def test_a_short_pool_preempts_the_newest_request_of_the_tenant_furthest_over_it
     assert run.requests[first[0]].tenant == "A"
     assert first[0] == "A-2"  # A's newest
     assert all(r.status is RequestStatus.FINISHED for r in run.requests.values())
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(weight_a=st.sampled_from([1, 2, 3]), weight_b=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 10**6), depth=st.integers(2, 12))
+def test_over_random_arrivals_backlogged_tenants_are_served_by_their_weights(
+    weight_a: int, weight_b: int, seed: int, depth: int,
+) -> None:
+    """Random prompt and output lengths; each tenant tops its queue up to a random depth at
+    random steps, so both stay backlogged. From step 100 to 500 the tokens granted to A and B
+    are within 20% of their weights' ratio."""
+    rng = random.Random(seed)
+    tenants = TenantConfig((TenantPolicy("A", weight=weight_a),
+                            TenantPolicy("B", weight=weight_b)))
+    scheduler = make_scheduler(tenants, num_blocks=512, max_num_seqs=8)
+    served: list[tuple[int, int]] = []
+
+    def more(s: Scheduler, run: Run, step: int) -> list[Arrival]:
+        served.append((s.waiting.served_tokens["A"], s.waiting.served_tokens["B"]))
+        new = []
+        for tenant in ("A", "B"):
+            waiting = s.waiting.num_waiting(tenant)
+            if waiting < depth // 2 + 1 or rng.random() < 0.3:
+                new += [Arrival(step, tenant, [rng.randrange(2, 60)] * rng.randrange(2, 24),
+                                rng.randrange(4, 40)) for _ in range(depth - waiting)]
+        return new
+
+    drive(scheduler, [], more=more, more_until=500)
+    a = served[499][0] - served[100][0]
+    b = served[499][1] - served[100][1]
+    assert a / b == pytest.approx(weight_a / weight_b, rel=0.2)
