@@ -1,5 +1,5 @@
 """bench/soak.py, short: 300 requests against a real ``kvserve serve --tiny`` subprocess (about
-30 s on 2 cores), with the long soak's checks.
+30 s on 2 idle cores, 85 s with the machine loaded 7), with the long soak's checks.
 
 The RSS bound stays the long soak's 10%, measured from the idle server after a warm-up of 128
 requests (two rounds of the 64-way concurrency), not from its start: the first requests grow
