@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvserve.model.config import RopeScaling
+from kvserve.model.row_buckets import bucketed_linear
 
 
 class RMSNorm(nn.Module):
@@ -162,6 +163,8 @@ def project(
 ) -> torch.Tensor:
     """``linear(x)``; a quantized linear (``model.quantize``) is also told which rows hold
     generated tokens, so a token takes the same path whatever else is in the step."""
-    if generated_rows is None or isinstance(linear, nn.Linear):
+    if isinstance(linear, nn.Linear):
+        return bucketed_linear(x, linear.weight, linear.bias)
+    if generated_rows is None:
         return linear(x)
     return linear(x, generated_rows)

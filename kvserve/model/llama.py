@@ -19,6 +19,7 @@ from kvserve.attention.metadata import AttentionMetadata
 from kvserve.kernels.availability import HAS_TRITON
 from kvserve.model.config import ModelConfig
 from kvserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, project
+from kvserve.model.row_buckets import bucketed_linear
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
 
@@ -164,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
         if self.quantized_lm_head is not None:
             return self.quantized_lm_head(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return bucketed_linear(hidden, weight).float()
 
     @classmethod
     def from_weights(

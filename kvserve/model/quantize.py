@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvserve.model.row_buckets import bucketed_linear
+
 GROUP_SIZE = 32
 INT4_MAX = 15
 INT8_MAX = 127
@@ -122,7 +124,7 @@ class QuantizedLinear(nn.Module):
 
     def dense_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         assert self.dense is not None
-        return nn.functional.linear(flat.to(self.dense.dtype), self.dense)
+        return bucketed_linear(flat.to(self.dense.dtype), self.dense)
 
 
 class Int4Linear(QuantizedLinear):
