@@ -221,7 +221,7 @@ class Scheduler:
             prefix = None if skip_cache else self.kv.find_cached_prefix(request)
             start = prefix.num_tokens if prefix else request.num_computed_tokens
             num_new = min(request.num_tokens - start, step.budget)
-            if (step.held is not None and request.tenant in seats_by_tenant(self.running)
+            if (step.held is not None and self._num_running(request.tenant)
                     and self._over_quota(request.tenant, step.held.held(request.tenant)
                                          + self._new_blocks(request, start + num_new, prefix,
                                                             step.held))):
