@@ -23,8 +23,12 @@ def test_a_gone_process_reads_as_zeros() -> None:
 
 
 def test_children_count_as_the_engine() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout is not None
+        child.stdout.readline()  # started: its memory no longer grows between the two reads
         assert child.pid in descendants(os.getpid())
         snapshot = process_snapshot(os.getpid())
         assert snapshot["engine"].rss_bytes >= read_usage(child.pid).rss_bytes > 0
