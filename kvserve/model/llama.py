@@ -45,6 +45,7 @@ class Attention(nn.Module):
             RMSNorm(config.head_dim, config.rms_norm_eps, fused_ops) if config.qk_norm else None
         )
         self.rotary = rotary
+        self.fused_ops = fused_ops
 
     def forward(
         self,
@@ -54,9 +55,20 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        rows = metadata.generated_rows
-        qkv = project(self.qkv_proj, hidden, rows).view(num_tokens, -1, self.head_dim)
+        qkv = project(self.qkv_proj, hidden, metadata.generated_rows)
+        return self.attend_projected(qkv, positions, kv_cache, metadata, backend)
+
+    def attend_projected(
+        self,
+        qkv: torch.Tensor,  # [num_tokens, q_size + 2 * kv_size]: qkv_proj's output
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        """``forward`` after the qkv projection: rotary, the K/V store, attention, o_proj."""
+        num_tokens = qkv.shape[0]
+        qkv = qkv.view(num_tokens, -1, self.head_dim)
         qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -73,7 +85,12 @@ class Attention(nn.Module):
             out = backend.forward(
                 q, k, v, k_cache, v_cache, metadata, self.scale
             )  # [tokens, heads, dim]
-        return project(self.o_proj, out.reshape(num_tokens, self.q_size), rows)
+        out = out.reshape(num_tokens, self.q_size)
+        if one_row_gemv(out, self.o_proj, self.fused_ops):
+            from kvserve.kernels.decode_gemv import gemv
+
+            return gemv(out, self.o_proj.weight)
+        return project(self.o_proj, out, metadata.generated_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -85,6 +102,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, rotary, fused_ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_ops)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, fused_ops)
+        self.fused_ops = fused_ops
 
     def forward(
         self,
@@ -97,6 +115,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns this layer's MLP output and the residual stream before it; the next norm
         adds them (fused with the norm on GPU), which is the same sum as ``x + mlp(...)``."""
+        linears = (self.self_attn.qkv_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        if all(one_row_gemv(hidden, linear, self.fused_ops) for linear in linears):
+            return self._forward_one_row(hidden, residual, positions, kv_cache, metadata, backend)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -105,6 +126,35 @@ class DecoderLayer(nn.Module):
         hidden = self.self_attn(hidden, positions, kv_cache, metadata, backend)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden, metadata.generated_rows), residual
+
+    def _forward_one_row(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for one token on the Triton path: each norm runs inside the GEMV after
+        it, and SiLU-and-multiply inside the down projection (three launches a layer fewer)."""
+        from kvserve.kernels.decode_gemv import norm_linear, silu_mul_linear
+
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = norm_linear(hidden, residual, self.input_layernorm.weight,
+                                    self.input_layernorm.eps, attn.qkv_proj.weight,
+                                    attn.qkv_proj.bias)
+        hidden = attn.attend_projected(qkv, positions, kv_cache, metadata, backend)
+        gate_up, residual = norm_linear(hidden, residual, self.post_attention_layernorm.weight,
+                                        self.post_attention_layernorm.eps,
+                                        mlp.gate_up_proj.weight)
+        return silu_mul_linear(gate_up, mlp.down_proj.weight), residual
+
+
+def one_row_gemv(x: torch.Tensor, linear: nn.Module, fused_ops: bool) -> bool:
+    """Whether a linear of ``x`` runs as ``kvserve.kernels.decode_gemv``'s one-row GEMV: one
+    token on the Triton path, through an unquantized linear."""
+    return fused_ops and x.shape[0] == 1 and type(linear) is nn.Linear
 
 
 class LlamaForCausalLM(nn.Module):
