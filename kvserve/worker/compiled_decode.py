@@ -114,6 +114,10 @@ class CompiledDecode:
             sizes.append(switch)
         return sizes
 
+    def gives_logits(self, num_reqs: int) -> bool:
+        """The compiled step ends at the final hidden states; the LM head runs after it."""
+        return False
+
     def run(
         self,
         input_ids: list[int],

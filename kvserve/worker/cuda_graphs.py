@@ -27,6 +27,10 @@ from kvserve.worker.graph_capture import capture_graphs
 
 logger = logging.getLogger("kvserve")
 
+# Buckets up to this size also run the LM head inside the graph and return float32 logits: at
+# small batches the step is host-bound and the head's two launches (matmul, cast) cost more host
+# time than their GPU time; the logits buffers of larger buckets would cost real memory.
+LOGITS_MAX_BATCH = 8
 BUCKET_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -73,10 +77,18 @@ class DecodeGraphs:
         )
 
     def _forward(self, size: int) -> torch.Tensor:
-        return self.model(
+        hidden = self.model(
             self._rows[0, :size], self._rows[1, :size], self.kv_caches, self._metadata(size),
             self.backend,
         )
+        return self.model.compute_logits(hidden) if size <= LOGITS_MAX_BATCH else hidden
+
+    def _bucket(self, num_reqs: int) -> int:
+        return next(s for s in self.sizes if s >= num_reqs)
+
+    def gives_logits(self, num_reqs: int) -> bool:
+        """Whether ``run`` of this many decodes returns logits (its bucket runs the LM head)."""
+        return self._bucket(num_reqs) <= LOGITS_MAX_BATCH
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -98,9 +110,10 @@ class DecodeGraphs:
         block_tables: list[list[int]],
         fill: TokenFill | None = None,
     ) -> torch.Tensor:
-        """Replay the smallest bucket that holds these decodes; [num_reqs, hidden] out."""
+        """Replay the smallest bucket that holds these decodes: [num_reqs, hidden] out, or
+        [num_reqs, vocab] float32 logits where ``gives_logits``."""
         num_reqs = len(input_ids)
-        size = next(s for s in self.sizes if s >= num_reqs)
+        size = self._bucket(num_reqs)
         inputs = decode_inputs(input_ids, positions, block_tables, self.block_size)
         rows = np.empty((4, size), dtype=np.int64)
         rows[:, :num_reqs] = inputs.rows

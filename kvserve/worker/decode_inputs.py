@@ -56,21 +56,29 @@ def decode_inputs(
 @dataclass(frozen=True)
 class TokenFill:
     """Input rows whose token was sampled by the step before, still on the device (asynchronous
-    scheduling): ``input_ids[rows] = values``, done on the device, never read by the host."""
+    scheduling): ``input_ids[rows] = values``, done on the device, never read by the host.
+    ``rows`` None means the first ``len(values)`` rows (a steady decode batch: no index to
+    build and copy to the device)."""
 
-    rows: torch.Tensor  # [n] int64, rows of the step's flattened input ids
+    rows: torch.Tensor | None  # [n] int64, rows of the step's flattened input ids
     values: torch.Tensor  # [n] int64, the sampled token ids
 
     def apply(self, input_ids: torch.Tensor) -> None:
-        input_ids.index_copy_(0, self.rows, self.values)
+        if self.rows is None:
+            input_ids[: len(self.values)].copy_(self.values)
+        else:
+            input_ids.index_copy_(0, self.rows, self.values)
 
 
 class DecodeStep(Protocol):
     """A decode step faster than the eager forward for batches up to ``max_batch``: CUDA graphs
-    on GPU, a compiled graph on CPU. ``run`` returns the final hidden states [num_reqs, hidden];
-    ``fill`` replaces placeholder input ids with tokens sampled on the device."""
+    on GPU, a compiled graph on CPU. ``run`` returns the final hidden states [num_reqs, hidden],
+    or the float32 logits [num_reqs, vocab] where ``gives_logits``; ``fill`` replaces
+    placeholder input ids with tokens sampled on the device."""
 
     max_batch: int
+
+    def gives_logits(self, num_reqs: int) -> bool: ...
 
     def run(
         self,

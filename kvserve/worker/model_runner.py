@@ -135,15 +135,18 @@ class ModelRunner:
             self.drop_request(request_id)
         if step.is_empty:
             return PendingOutput([], None, {})
-        hidden = self._forward(step.scheduled)
-        prompt = launch_prompt_logprobs(self.model, hidden, step.scheduled)
+        hidden, gives_logits = self._forward(step.scheduled)
+        # a decode graph that ran the LM head was not taken when a row wants prompt logprobs
+        prompt = None if gives_logits else launch_prompt_logprobs(self.model, hidden,
+                                                                  step.scheduled)
         sampling = [s for s in step.scheduled if s.sample]
         if not sampling:
             return PendingOutput([], None, {}, prompt_logprobs=prompt)
         ends = _query_ends(step.scheduled, sampling)
         if ends != list(range(len(hidden))):  # not every row samples: keep the ones that do
             hidden = hidden[to_device(ends, torch.int64, self.device)]
-        logits = self.model.compute_logits(hidden)  # [num_sampling, vocab]
+        # [num_sampling, vocab]
+        logits = hidden if gives_logits else self.model.compute_logits(hidden)
         captured = {
             item.request_id: logits[row].clone()
             for row, item in enumerate(sampling) if item.request_id in capture_logits
@@ -173,12 +176,15 @@ class ModelRunner:
                     self.grammars.accept(request_id, token_id)
         return rows, ids
 
-    def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+    def _forward(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, bool]:
+        """The step's final hidden states (one row per token), or, when the decode step ran
+        the LM head too, its float32 logits: (tensor, whether it is logits)."""
         fill = self._token_fill(scheduled)
         connector = self.kv_connector
         if connector is not None and connector.begin_step(scheduled):
             try:
-                return self._forward_eager(scheduled, fill, layer_hook=connector.save_layer)
+                return self._forward_eager(scheduled, fill,
+                                           layer_hook=connector.save_layer), False
             finally:
                 connector.end_step()
         fast = self.decode_step
@@ -187,12 +193,14 @@ class ModelRunner:
             and len(scheduled) <= fast.max_batch
             and all(len(s.token_ids) == 1 for s in scheduled)
         ):
-            return fast.run(
-                [s.token_ids[0] for s in scheduled],
-                [s.start_position for s in scheduled],
-                [s.block_ids for s in scheduled],
-                fill,
-            )
+            gives_logits = fast.gives_logits(len(scheduled))
+            if not (gives_logits and any(s.prompt_logprob_targets for s in scheduled)):
+                return fast.run(
+                    [s.token_ids[0] for s in scheduled],
+                    [s.start_position for s in scheduled],
+                    [s.block_ids for s in scheduled],
+                    fill,
+                ), gives_logits
         small = self.prefill_graphs
         if small is not None and small.fits(sum(len(s.token_ids) for s in scheduled),
                                             len(scheduled)):
@@ -201,8 +209,8 @@ class ModelRunner:
                 [s.start_position for s in scheduled],
                 [s.block_ids for s in scheduled],
                 fill,
-            )
-        return self._forward_eager(scheduled, fill)
+            ), False
+        return self._forward_eager(scheduled, fill), False
 
     def _token_fill(self, scheduled: list[ScheduledRequest]) -> TokenFill | None:
         """Where this step's placeholder input ids are, and the device tokens that replace them:
@@ -222,6 +230,8 @@ class ModelRunner:
             sources.append(source)
         if not rows or self._last_token_ids is None:
             return None
+        if rows == sources == list(range(len(rows))):  # a steady decode batch: no index needed
+            return TokenFill(None, self._last_token_ids[: len(rows)])
         index = to_device([rows, sources], torch.int64, self.device)  # one copy
         return TokenFill(index[0], self._last_token_ids[index[1]])
 
