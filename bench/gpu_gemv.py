@@ -14,7 +14,7 @@ before: ``fused_ops.rms_norm`` then ``F.linear``; ``fused_ops.silu_and_mul`` the
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvserve.kernels.decode_gemv import MAX_IN_FEATURES, PLAIN, RMS_NORM, SILU_MUL, launch
+from kvserve.kernels.decode_gemv import (
+    MAX_IN_FEATURES,
+    PLAIN,
+    RMS_NORM,
+    SILU_MUL,
+    graph_time_us,
+    launch,
+)
 from kvserve.kernels.fused_ops import rms_norm, silu_and_mul
 from kvserve.model.dummy_loader import resolve_dummy_config
 
@@ -33,27 +40,11 @@ POOL_BYTES = 256 * 2**20  # distinct weights cycled through: more than twice an 
 EPS = 1e-5
 
 
-def graph_us(calls: list[Callable[[], object]]) -> float:
-    """Microseconds a call, replaying one CUDA graph of ``calls`` (warmed up eagerly first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()  # warm-up: autotuning and compilation happen here, outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (20 * len(calls))
+def cycled_graph_us(variant: Callable[[torch.Tensor], object], calls: list[torch.Tensor]) -> float:
+    """Microseconds a call inside a CUDA graph of ``len(calls)`` calls, each on the next weight
+    (``decode_gemv.graph_time_us``, the timing the engine's choice uses)."""
+    weights_in_turn = itertools.cycle(calls)
+    return graph_time_us(lambda: variant(next(weights_in_turn)), calls=len(calls))
 
 
 def weights(out_features: int, in_features: int) -> list[torch.Tensor]:
@@ -101,8 +92,8 @@ def main() -> None:
                 continue
             pool = weights(n, k)
             calls = [pool[i % len(pool)] for i in range(CALLS)]
-            before = graph_us([functools.partial(unfused, w) for w in calls])
-            after = graph_us([functools.partial(fused, w) for w in calls])
+            before = cycled_graph_us(unfused, calls)
+            after = cycled_graph_us(fused, calls)
             rows.append({"model": model, "linear": linear, "in": k, "out": n,
                          "unfused_us": before, "fused_us": after,
                          "fused_gb_s": 2 * n * k / after / 1e3})

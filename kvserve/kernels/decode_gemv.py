@@ -38,6 +38,7 @@ from kvserve.kernels.fused_ops import rms_norm, silu_and_mul
 logger = logging.getLogger("kvserve")
 
 PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2  # the kernel's PROLOGUE
+PROLOGUE_NAMES = {PLAIN: "linear", RMS_NORM: "rms_norm + linear", SILU_MUL: "silu_mul + linear"}
 MAX_IN_FEATURES = 4096  # a program holds whole weight rows: wider inputs keep the unfused ops
 MAX_TILE = 16384  # weight elements a program loads at once
 TIMED_CALLS = 32
@@ -176,8 +177,6 @@ def graph_time_us(call: Callable[[], object], calls: int = TIMED_CALLS) -> float
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (5 * calls)
 
-
-PROLOGUE_NAMES = {PLAIN: "linear", RMS_NORM: "rms_norm + linear", SILU_MUL: "silu_mul + linear"}
 
 
 def norm_linear(
