@@ -12,6 +12,7 @@ from kvserve.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.engine_core import EngineCore
+from kvserve.kernels.cpu.gemv import load_gemv
 from kvserve.kv_connector import KVConnector
 from kvserve.model.config import ModelConfig
 from kvserve.model.gguf_loader import linear_weight_types
@@ -190,7 +191,8 @@ def _quantize(
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         logger.info("quantization none (%s): %.1f MiB of weights", why, weight_bytes / 2**20)
         return
-    report = quantize_model(model, mode, dense_dtype=dtype)
+    gemv = None if config.on_gpu else load_gemv()  # kvserve's CPU GEMV, or torch's kernels
+    report = quantize_model(model, mode, dense_dtype=dtype, gemv=gemv)
     logger.info("quantization %s (%s): %s", mode, why, report.describe())
 
 

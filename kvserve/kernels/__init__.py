@@ -1,4 +1,5 @@
-"""Triton kernels for the GPU path: paged attention, K/V store and fused element-wise work.
+"""Triton kernels for the GPU path: paged attention, K/V store and fused element-wise work;
+and, in ``kvserve.kernels.cpu``, C++ ones for CPU decode (built on first use, no Triton).
 
 Every kernel module imports Triton at its top, so import them only where they are asked for:
 a model built with ``fused_ops=True`` or the ``triton`` attention backend. On a machine without

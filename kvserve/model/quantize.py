@@ -13,6 +13,14 @@ model file knows nothing of it): each linear layer's float weight is replaced by
 
 Both kernels take bfloat16 activations (float32 falls to a scalar loop), so the input is cast
 at the linear and the output cast back: the rest of the model keeps its dtype.
+
+Where kvserve's own CPU GEMV ops are built (``kvserve.kernels.cpu.gemv``: AVX2 or AVX-512 VNNI,
+picked from the CPU at start), both layers keep their weights in its layout instead and run every
+quantized row through it: the same int4 blocks (``d`` and ``m`` in float16, as a GGUF stores
+them) and the same per-channel int8 weights, with the activations quantized to int8 per 32-block
+inside the op. Int4 layers keep torch's format as well, and the op hands steps of more rows than
+its path wins at to torch's kernel (``GemvKernels.int4_max_rows``; ``bench/cpu_gemv.py``,
+``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvserve.kernels.cpu.gemv import GemvKernels, pack_int4, pack_int8, unpack_int8
 from kvserve.model.row_buckets import bucketed_linear
 
 GROUP_SIZE = 32
@@ -128,14 +137,21 @@ class QuantizedLinear(nn.Module):
 
 
 class Int4Linear(QuantizedLinear):
-    """W in torch's packed CPU int4 format, groups of 32 (see the module docstring)."""
+    """W in groups of 32 (see the module docstring): kvserve's GEMV records when ``gemv`` is
+    given and takes this shape, else torch's packed CPU int4 format."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None,
-        dense_dtype: torch.dtype | None = None,
+        dense_dtype: torch.dtype | None = None, gemv: GemvKernels | None = None,
     ) -> None:
         super().__init__(weight, bias, dense_dtype)
         q, scales, zeros = quantize_int4(weight)
+        self.gemv = gemv if gemv is not None and gemv.supports(*weight.shape[::-1]) else None
+        if self.gemv is not None:
+            # [N / 4, 2.5 K] uint8: w = d * q + m, d = scale, m = zero - 8 d (float16)
+            self.register_buffer("records", pack_int4(q, scales, zeros - 8 * scales),
+                                 persistent=False)
+            # and torch's format too, for steps of more rows (GemvKernels.int4_max_rows)
         self.register_buffer(
             "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False
         )  # [N, K / 2] uint8
@@ -146,33 +162,48 @@ class Int4Linear(QuantizedLinear):
         )
 
     def quantized_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.packed, self.scales_and_zeros
+        if self.gemv is None:
+            return self.packed, self.scales_and_zeros
+        return (self.records,)  # torch's copy is read instead above gemv.int4_max_rows rows
 
     def quantized_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None:
+            return self.gemv.q4_gemm(flat, self.records, (self.packed, self.scales_and_zeros))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.to(ACTIVATION_DTYPE), self.packed, GROUP_SIZE, self.scales_and_zeros
         )
 
 
 class Int8Linear(QuantizedLinear):
-    """W as int8 with one scale per output row."""
+    """W as int8 with one scale per output row (kvserve's GEMV records when ``gemv`` is given
+    and takes this shape, else torch's ``_weight_int8pack_mm``)."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-        dense_dtype: torch.dtype | None = None,
+        dense_dtype: torch.dtype | None = None, gemv: GemvKernels | None = None,
     ) -> None:
         super().__init__(weight, bias, dense_dtype)
         q, scales = quantize_int8(weight)
+        self.gemv = gemv if gemv is not None and gemv.supports(*weight.shape[::-1]) else None
+        if self.gemv is not None:
+            self.register_buffer("records", pack_int8(q), persistent=False)  # [N / 4, 4 K]
+            self.register_buffer("scales", scales.float(), persistent=False)  # [N]
+            return
         self.register_buffer("weight_int8", q, persistent=False)  # [N, K]
         self.register_buffer("scales", scales.to(ACTIVATION_DTYPE), persistent=False)  # [N]
 
     def quantized_tensors(self) -> tuple[torch.Tensor, ...]:
+        if self.gemv is not None:
+            return self.records, self.scales
         return self.weight_int8, self.scales
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales.float()[:, None]
+        q = unpack_int8(self.records) if self.gemv is not None else self.weight_int8
+        return q.float() * self.scales.float()[:, None]
 
     def quantized_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None:
+            return self.gemv.q8_gemm(flat, self.records, self.scales)
         return torch.ops.aten._weight_int8pack_mm(
             flat.to(ACTIVATION_DTYPE), self.weight_int8, self.scales
         )
@@ -190,6 +221,7 @@ class QuantizationReport:
     lm_head: str
     weight_bytes: int  # every weight a decode step reads (linears, norms, the LM head)
     dense_dtype: torch.dtype | None  # prompt tokens run through a dense copy in this dtype
+    kernels: str = "torch's kernels"  # whose int4/int8 kernels run, and why
 
     def describe(self) -> str:
         dense = ""
@@ -198,22 +230,24 @@ class QuantizationReport:
             rows = MAX_QUANTIZED_ROWS.get(self.dense_dtype, 0)
             dense = (f"; prompt tokens, and steps of more than {rows} decodes, run through a "
                      f"dense {name} copy (faster there)")
-        return (f"decoder linears {self.layers}, LM head {self.lm_head}; a decode step reads "
-                f"{self.weight_bytes / 2**20:.1f} MiB of weights{dense}")
+        return (f"decoder linears {self.layers}, LM head {self.lm_head}, run by "
+                f"{self.kernels}; a decode step reads {self.weight_bytes / 2**20:.1f} MiB of "
+                f"weights{dense}")
 
 
-def quantize_model(model: nn.Module, mode: str, dense_dtype: torch.dtype | None = None
-                   ) -> QuantizationReport:
+def quantize_model(model: nn.Module, mode: str, dense_dtype: torch.dtype | None = None,
+                   gemv: GemvKernels | None = None) -> QuantizationReport:
     """Replace ``model``'s linears (qkv, o, gate-up, down of every layer) with ``mode``
     ("int4" or "int8") layers and its LM head with an int8 one; returns what it did.
 
-    With ``dense_dtype``, the layers keep a dense copy for prompt tokens (QuantizedLinear)."""
+    With ``dense_dtype``, the layers keep a dense copy for prompt tokens (QuantizedLinear).
+    With ``gemv`` (``kvserve.kernels.cpu.gemv.load_gemv()``), they run kvserve's GEMV ops."""
     if mode not in ("int4", "int8"):
         raise ValueError(f"quantization must be int4 or int8 here, got {mode!r}")
     kind = Int8Linear if mode == "int8" else Int4Linear
 
     def make(linear: nn.Linear) -> nn.Module:
-        return kind(linear.weight, linear.bias, dense_dtype)
+        return kind(linear.weight, linear.bias, dense_dtype, gemv)
 
     with torch.no_grad():
         for layer in model.layers:
@@ -221,13 +255,16 @@ def quantize_model(model: nn.Module, mode: str, dense_dtype: torch.dtype | None 
                                  (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
                 setattr(parent, name, make(getattr(parent, name)))
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        model.quantized_lm_head = Int8Linear(head)
+        model.quantized_lm_head = Int8Linear(head, gemv=gemv)
         if model.lm_head is not None:
             model.lm_head = None  # the quantized copy is the one used; no float copy kept
     linears = sum(m.num_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
     norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if "norm" in n)
-    return QuantizationReport(mode, "int8", linears + norms, dense_dtype)
+    kernels = "torch's kernels" if gemv is None else (
+        f"kvserve's {gemv.name} GEMV ({gemv.reason}; int4 steps of more than "
+        f"{gemv.int4_max_rows} rows by torch's kernel)")
+    return QuantizationReport(mode, "int8", linears + norms, dense_dtype, kernels)
 
 
 # The GGML block types whose weights a torch kernel can keep as they are stored.
