@@ -70,6 +70,11 @@ def main(label: str) -> None:
         out["decode_gemv"] = measured_choices()
     except ImportError:
         pass
+    try:  # which few-row GEMMs they measured as faster than cuBLAS (absent in older trees)
+        from kvserve.kernels.skinny_gemm import measured_choices as skinny_choices
+        out["skinny_gemm"] = skinny_choices()
+    except ImportError:
+        pass
     print("AB", json.dumps(out), flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), f"ab_{label}.json"), "w") as file:
         json.dump(out, file)

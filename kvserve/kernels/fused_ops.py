@@ -1,7 +1,8 @@
 """Fused element-wise kernels of a decoder layer: RMSNorm (with the residual add), rotary
-embedding in place, and SiLU-and-multiply. Each does in one pass over memory what PyTorch does
-in several, and rounds where the Hugging Face reference rounds: values are computed in float32
-and cast to the model dtype at the same points as ``kvserve.model.layers``.
+embedding in place, and SiLU-and-multiply (with a folded RMSNorm's row scale, optionally). Each
+does in one pass over memory what PyTorch does in several, and rounds where the Hugging Face
+reference rounds: values are computed in float32 and cast to the model dtype at the same points
+as ``kvserve.model.layers``.
 """
 
 from __future__ import annotations
@@ -94,25 +95,51 @@ def rotary_in_place(
 
 @triton.jit
 def _silu_and_mul_kernel(
-    GateUp, Out, stride_g, stride_o, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+    GateUp, Out, Normed, stride_g, stride_o, stride_n, eps, WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr, SCALE_ROWS: tl.constexpr, NORM_WIDTH: tl.constexpr,
+    NORM_PAD: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < WIDTH
     gate = tl.load(GateUp + row * stride_g + offs, mask=valid, other=0.0).to(tl.float32)
     up = tl.load(GateUp + row * stride_g + WIDTH + offs, mask=valid, other=0.0).to(tl.float32)
+    if SCALE_ROWS:  # gate_up = x @ (W * w)^T: RMSNorm's 1 / rms(x) comes in here
+        rstd = row_rstd(Normed + row * stride_n, eps, NORM_WIDTH, NORM_PAD)
+        gate = gate * rstd
+        up = up * rstd
     act = (gate * tl.sigmoid(gate)).to(Out.dtype.element_ty).to(tl.float32)
     tl.store(Out + row * stride_o + offs, (act * up).to(Out.dtype.element_ty), mask=valid)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[rows, 2 * width] (gate then up) -> silu(gate) * up, [rows, width]."""
+@triton.jit
+def row_rstd(Row, eps, WIDTH: tl.constexpr, PAD: tl.constexpr):
+    """1 / sqrt(mean(x * x) + eps) of one row of WIDTH values, in float32."""
+    offs = tl.arange(0, PAD)
+    x = tl.load(Row + offs, mask=offs < WIDTH, other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(x * x, 0) / WIDTH + eps)
+
+
+def silu_and_mul(
+    gate_up: torch.Tensor, normed: tuple[torch.Tensor, float] | None = None
+) -> torch.Tensor:
+    """[rows, 2 * width] (gate then up) -> silu(gate) * up, [rows, width].
+
+    With ``normed = (x, eps)`` ([rows, hidden]), gate and up are first multiplied by each row's
+    ``1 / rms(x)``: the RMSNorm before a gate_up projection whose weight holds the norm's
+    (``LlamaForCausalLM`` folds it there on the GPU path), since norm(x) @ W^T is
+    (x @ (W * w)^T) / rms(x)."""
     rows, double = gate_up.shape
     width = double // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
+    x, eps = normed if normed is not None else (gate_up, 0.0)
+    if normed is not None and (x.shape[0] != rows or x.stride(-1) != 1):
+        raise ValueError("silu_and_mul: normed must be [rows, hidden] with contiguous rows")
     if rows:
         block = min(1024, next_power_of_2(width))
         _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), WIDTH=width, BLOCK=block, num_warps=4,
+            gate_up, out, x, gate_up.stride(0), out.stride(0), x.stride(0), eps, WIDTH=width,
+            BLOCK=block, SCALE_ROWS=normed is not None, NORM_WIDTH=x.shape[-1],
+            NORM_PAD=next_power_of_2(x.shape[-1]), num_warps=4,
         )
     return out

@@ -290,9 +290,11 @@ def paged_decode(
     out: torch.Tensor | None = None,
     block_n: int = DECODE_BLOCK_N,
     num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Each request's single query over its whole cached context (its own K/V included).
-    ``block_n`` (keys per tile) and ``num_warps`` are tuning knobs (see bench/gpu_profile.py)."""
+    ``block_n`` (keys per tile), ``num_warps`` and ``num_stages`` are tuning knobs (see
+    bench/gpu_profile.py and bench/gpu_decode_attention.py)."""
     num_reqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(query) if out is None else out
@@ -314,7 +316,7 @@ def paged_decode(
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_reqs, num_heads)](

@@ -111,13 +111,16 @@ class RotaryEmbedding(nn.Module):
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
         num_q_heads: int,
+        normed: tuple[torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
         """``forward`` on q and k, then the rotated k and ``value`` stored into their cache
-        slots, in one Triton launch (``fused_ops`` only); returns the rotated ``qk``."""
+        slots, in one Triton launch (``fused_ops`` only); returns the rotated ``qk``. With
+        ``normed = (x, eps)``, q, k and v are first scaled by each row's 1 / rms(x)
+        (``rotary_and_store_kv``)."""
         from kvserve.kernels.rotary_store import rotary_and_store_kv
 
         return rotary_and_store_kv(qk, value, positions, self.cos, self.sin, k_cache, v_cache,
-                                   slot_mapping, num_q_heads)
+                                   slot_mapping, num_q_heads, normed)
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling | None) -> torch.Tensor:

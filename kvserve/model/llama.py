@@ -67,6 +67,25 @@ class Attention(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         """``forward`` after the qkv projection: rotary, the K/V store, attention, o_proj."""
+        out = self.attend(qkv, positions, kv_cache, metadata, backend)
+        if one_row_gemv(out, self.o_proj, self.fused_ops):
+            from kvserve.kernels.decode_gemv import gemv
+
+            return gemv(out, self.o_proj.weight)
+        return project(self.o_proj, out, metadata.generated_rows)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,  # [num_tokens, q_size + 2 * kv_size]: qkv_proj's output
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+        normed: tuple[torch.Tensor, float] | None = None,
+    ) -> torch.Tensor:  # [num_tokens, q_size]
+        """Rotary, the K/V store and attention, before o_proj. ``normed = (x, eps)``: qkv is
+        ``x @ (W * w)^T`` and each row still needs the RMSNorm's 1 / rms(x) (the fused
+        rotary-and-store path only; ``LlamaForCausalLM.fold_norms``)."""
         num_tokens = qkv.shape[0]
         qkv = qkv.view(num_tokens, -1, self.head_dim)
         qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
@@ -77,20 +96,17 @@ class Attention(nn.Module):
         if self.rotary.fused_ops and backend.attends_stored_kv:
             # one kernel rotates q and k and stores k and v (a launch a layer fewer)
             qk = self.rotary.rotate_and_store(positions, qk, v, k_cache, v_cache,
-                                              metadata.slot_mapping, self.num_heads)
+                                              metadata.slot_mapping, self.num_heads, normed)
             out = backend.attend(qk[:, : self.num_heads], k_cache, v_cache, metadata, self.scale)
         else:
+            if normed is not None:
+                raise ValueError("a folded RMSNorm needs the fused rotary-and-store path")
             qk = self.rotary(positions, qk)  # q and k heads rotated in one pass
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             out = backend.forward(
                 q, k, v, k_cache, v_cache, metadata, self.scale
             )  # [tokens, heads, dim]
-        out = out.reshape(num_tokens, self.q_size)
-        if one_row_gemv(out, self.o_proj, self.fused_ops):
-            from kvserve.kernels.decode_gemv import gemv
-
-            return gemv(out, self.o_proj.weight)
-        return project(self.o_proj, out, metadata.generated_rows)
+        return out.reshape(num_tokens, self.q_size)
 
 
 class DecoderLayer(nn.Module):
@@ -103,6 +119,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_ops)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, fused_ops)
         self.fused_ops = fused_ops
+        self.norms_folded = False  # set by LlamaForCausalLM when it folds the norm weights
 
     def forward(
         self,
@@ -118,6 +135,9 @@ class DecoderLayer(nn.Module):
         linears = (self.self_attn.qkv_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         if all(one_row_gemv(hidden, linear, self.fused_ops) for linear in linears):
             return self._forward_one_row(hidden, residual, positions, kv_cache, metadata, backend)
+        if (self.norms_folded and backend.attends_stored_kv
+                and all(type(linear) is nn.Linear for linear in linears)):
+            return self._forward_folded(hidden, residual, positions, kv_cache, metadata, backend)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -149,6 +169,35 @@ class DecoderLayer(nn.Module):
                                         self.post_attention_layernorm.eps,
                                         mlp.gate_up_proj.weight)
         return silu_mul_linear(gate_up, mlp.down_proj.weight), residual
+
+
+    def _forward_folded(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, None]:
+        """``forward`` with the norm weights folded into qkv_proj and gate_up_proj: no norm
+        kernel. Each norm's 1 / rms(x) is applied by the kernel after the projection (rotary
+        and store, SiLU-and-mul), and o_proj and down_proj add into the residual stream in
+        place. Two launches a layer fewer; returns the stream and no residual. The linears run
+        as ``skinny_gemm.skinny_linear``: cuBLAS, or a Triton GEMM where that is faster for a
+        step of this many rows."""
+        from kvserve.kernels.fused_ops import silu_and_mul
+        from kvserve.kernels.skinny_gemm import skinny_linear
+
+        x = hidden if residual is None else hidden + residual  # the residual stream
+        attn, mlp = self.self_attn, self.mlp
+        qkv = skinny_linear(x, attn.qkv_proj.weight)
+        out = attn.attend(qkv, positions, kv_cache, metadata, backend,
+                          (x, self.input_layernorm.eps))
+        skinny_linear(out, attn.o_proj.weight, residual=x)  # x += o_proj(out), in place
+        gate_up = skinny_linear(x, mlp.gate_up_proj.weight)
+        act = silu_and_mul(gate_up, (x, self.post_attention_layernorm.eps))
+        return skinny_linear(act, mlp.down_proj.weight, residual=x), None  # x += down(act)
 
 
 def one_row_gemv(x: torch.Tensor, linear: nn.Module, fused_ops: bool) -> bool:
@@ -207,6 +256,8 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, positions, kv_cache, metadata, backend)
             if layer_hook is not None:
                 layer_hook(index)
+        if residual is None:  # the folded layers (DecoderLayer._forward_folded)
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -234,7 +285,31 @@ class LlamaForCausalLM(nn.Module):
         model.to_empty(device=device)
         model.load_hf_weights(weights)  # copy_ casts
         model.rotary.build_tables(torch.device(device))  # rotary tables stay float32
+        if model.can_fold_norms:
+            model.fold_norms()
         return model.eval()
+
+    @property
+    def can_fold_norms(self) -> bool:
+        """Whether ``fold_norms`` applies: the Triton path (its kernels take the row scale), no
+        qkv bias (it is added after the scale) and no q/k norm."""
+        return self.fused_ops and not self.config.attention_bias and not self.config.qk_norm
+
+    @torch.no_grad()
+    def fold_norms(self) -> None:
+        """Fold each layer's two RMSNorm weights into the projection after them, in place:
+        ``norm(x) * w @ W^T == norm(x) @ (W * w)^T``. The norm weights become ones, so every
+        path still computes the same function (the product is rounded once more, in the
+        model's dtype), and the layers may skip their norm kernels (``_forward_folded``)."""
+        if not self.can_fold_norms:
+            raise ValueError("fold_norms needs fused_ops and no qkv bias or q/k norm")
+        for layer in self.layers:
+            for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                folded = linear.weight.float() * norm.weight.float()[None, :]
+                linear.weight.copy_(folded)
+                norm.weight.fill_(1.0)
+            layer.norms_folded = True
 
     @torch.no_grad()
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:

@@ -123,3 +123,51 @@ def test_rotary_and_store_kv_equals_rotary_then_the_store(target: KernelTarget) 
     assert relative_error(qkv[:, : num_q + num_kv], expected_qk) < target.rel_tol
     assert relative_error(k_cache, ref_k) < target.rel_tol
     assert torch.equal(v_cache, ref_v)
+
+
+def row_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """[rows, hidden] -> [rows, 1] float32: 1 / rms(x), the factor RMSNorm scales a row by."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_silu_and_mul_applies_a_folded_norms_row_scale(target: KernelTarget) -> None:
+    """With ``normed``, gate and up are scaled by each row's 1 / rms(x) first: what the
+    projection of norm(x) (norm weight folded into the projection) would have given."""
+    from kvserve.kernels.fused_ops import silu_and_mul
+
+    x = rand(target, 6, 576, seed=21) * 3  # not unit scale, so a missed scale shows
+    gate_up = rand(target, 6, 2 * 1536, seed=22)
+    scaled = gate_up.float() * row_rstd(x, 1e-5)
+    gate, up = scaled.split(1536, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = silu_and_mul(gate_up, (x, 1e-5))
+    assert got.dtype == gate_up.dtype
+    assert relative_error(got, expected.to(target.dtype)) < target.rel_tol
+    assert relative_error(silu_and_mul(gate_up), expected) > 0.1  # the scale mattered
+
+
+def test_rotary_and_store_kv_applies_a_folded_norms_row_scale(target: KernelTarget) -> None:
+    """With ``normed``, q, k and v are scaled by each token's 1 / rms(x), then rotated and
+    stored: the same as scaling the qkv rows first and running the kernel without it."""
+    from kvserve.kernels.rotary_store import rotary_and_store_kv
+
+    num_q, num_kv, head_dim, block_size, num_blocks = 9, 3, 64, 4, 6
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None)
+    rotary.build_tables(torch.device(target.device))
+    x = rand(target, 5, 576, seed=31) * 3
+    qkv = rand(target, 5, num_q + 2 * num_kv, head_dim, seed=32)
+    positions = torch.tensor([3, 17, 200, 0, 511], device=target.device)
+    slots = torch.tensor([5, 9, -1, 0, 23], device=target.device)
+    caches = rand(target, 2, num_blocks, block_size, num_kv, head_dim, seed=33)
+    ref_k, ref_v = caches[0].clone(), caches[1].clone()
+    ref_qkv = (qkv.float() * row_rstd(x, 1e-5)[:, :, None]).to(target.dtype)
+    rotary_and_store_kv(ref_qkv[:, : num_q + num_kv], ref_qkv[:, num_q + num_kv:], positions,
+                        rotary.cos, rotary.sin, ref_k, ref_v, slots, num_q)
+    k_cache, v_cache = caches[0].clone(), caches[1].clone()
+    rotary_and_store_kv(qkv[:, : num_q + num_kv], qkv[:, num_q + num_kv:], positions,
+                        rotary.cos, rotary.sin, k_cache, v_cache, slots, num_q, (x, 1e-5))
+    assert relative_error(qkv[:, : num_q + num_kv], ref_qkv[:, : num_q + num_kv]) \
+        < target.rel_tol
+    assert relative_error(k_cache, ref_k) < target.rel_tol
+    assert relative_error(v_cache, ref_v) < target.rel_tol
+    assert torch.equal(v_cache[0, 2], caches[1][0, 2])  # slot 2 was never written

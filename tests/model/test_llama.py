@@ -104,6 +104,32 @@ def test_fused_ops_reaches_every_layer(fused_ops: bool) -> None:
     assert all(module.fused_ops is fused_ops for module in fusable)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_norm_weights_fold_only_where_the_fused_kernels_take_the_row_scale(
+    tmp_path: Path, family: str
+) -> None:
+    """On the Triton path a model without qkv bias or q/k norm folds each layer's two norm
+    weights into the projections after them (the logits test above checks the result against
+    transformers); the others, and the PyTorch path, keep them."""
+    _, ours = make_pair(tmp_path, family, fused_ops=uses_fused_ops("triton"))
+    expected = family not in ("qwen2-qkv-bias", "qwen3-qk-norm")
+    assert ours.can_fold_norms is expected
+    for layer in ours.layers:
+        assert layer.norms_folded is expected
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        assert all(bool((w == 1).all()) is expected for w in norms)
+    _, plain = make_pair(tmp_path, family, fused_ops=False)
+    assert not plain.can_fold_norms
+    assert not any(layer.norms_folded for layer in plain.layers)
+    if expected:
+        with pytest.raises(ValueError, match="fold_norms needs"):
+            plain.fold_norms()
+        layer, plain_layer = ours.layers[0], plain.layers[0]
+        folded = (plain_layer.self_attn.qkv_proj.weight
+                  * plain_layer.input_layernorm.weight[None, :])
+        torch.testing.assert_close(layer.self_attn.qkv_proj.weight, folded)
+
+
 def check_against_transformers(hf: torch.nn.Module, ours: LlamaForCausalLM, backend) -> None:
     config = ours.config
     block_size, num_blocks = 4, 16
