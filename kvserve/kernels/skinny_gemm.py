@@ -28,6 +28,7 @@ import triton.language as tl
 
 from kvserve.kernels.availability import interpreter_on
 from kvserve.kernels.decode_gemv import graph_time_us
+from kvserve.kernels.paged_attention import dot_precision
 
 logger = logging.getLogger("kvserve")
 
@@ -58,7 +59,7 @@ _choices: dict[tuple, SkinnyConfig | None] = {}
 def _skinny_kernel(
     X, W, Out, M, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -71,7 +72,7 @@ def _skinny_kernel(
     for _ in range(0, tl.cdiv(K, BLOCK_K)):  # K % BLOCK_K == 0 (checked by the caller)
         w = tl.load(w_ptrs)
         x = tl.load(x_ptrs, mask=row_valid[None, :], other=0.0)
-        acc = tl.dot(w, x, acc)
+        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     out_ptrs = Out + offs_m[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
@@ -105,7 +106,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
         _skinny_kernel[(out_features // config.block_n,)](
             x, weight, out, rows, in_features, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=16 if rows <= 16 else 32, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            ACCUMULATE=residual is not None, num_stages=config.num_stages,
+            ACCUMULATE=residual is not None, DOT_PRECISION=dot_precision(x.dtype),
+            num_stages=config.num_stages,
             num_warps=config.num_warps,
         )
     return out
