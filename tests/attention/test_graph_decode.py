@@ -35,13 +35,14 @@ def decode_case(seq_lens: list[int], seed: int = 0):
     return q, k, v, k_cache, v_cache, metadata, padded
 
 
+@pytest.mark.parametrize("use_sdpa", [False, True])
 @pytest.mark.parametrize("seq_lens", [[1], [9], [4, 4], [9, 16, 3], [1, 13, 6, 8, 2]])
-def test_graph_decode_equals_the_reference(seq_lens: list[int]) -> None:
+def test_graph_decode_equals_the_reference(seq_lens: list[int], use_sdpa: bool) -> None:
     q, k, v, k_cache, v_cache, metadata, padded = decode_case(seq_lens)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     want = TorchReferenceBackend().forward(q, k, v, want_k, want_v, metadata, DIM**-0.5)
     got = paged_decode_attention(q, k, v, k_cache, v_cache, metadata.slot_mapping,
-                                 metadata.seq_lens, padded, DIM**-0.5)
+                                 metadata.seq_lens, padded, DIM**-0.5, use_sdpa)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # same K/V stored
 
@@ -56,8 +57,24 @@ def test_the_backend_reads_tensors_only() -> None:
         block_tables=padded, slot_mapping=metadata.slot_mapping, query_lens_list=[],
         seq_lens_list=[], block_size=BLOCK_SIZE,
     )
-    got = GraphDecodeBackend().forward(q, k, v, k_cache, v_cache, stripped, 0.5)
+    got = GraphDecodeBackend(use_sdpa=False).forward(q, k, v, k_cache, v_cache, stripped, 0.5)
     assert torch.equal(got, want)
+
+
+def test_sdpa_is_kept_only_where_the_cpu_has_amx_tiles() -> None:
+    assert GraphDecodeBackend().use_sdpa is bool(torch.cpu._is_amx_tile_supported())
+
+
+def test_bfloat16_matmuls_stay_near_the_float32_reference() -> None:
+    """The bfloat16 step: float32 scores and softmax, one rounding of the result."""
+    q, k, v, k_cache, v_cache, metadata, padded = decode_case([9, 16, 3])
+    want = TorchReferenceBackend().forward(q, k, v, k_cache.clone(), v_cache.clone(), metadata,
+                                           DIM**-0.5)
+    half = [t.bfloat16() for t in (q, k, v, k_cache, v_cache)]
+    got = paged_decode_attention(*half, metadata.slot_mapping, metadata.seq_lens, padded,
+                                 DIM**-0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
