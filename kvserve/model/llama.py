@@ -129,9 +129,10 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns this layer's MLP output and the residual stream before it; the next norm
-        adds them (fused with the norm on GPU), which is the same sum as ``x + mlp(...)``."""
+        adds them (fused with the norm on GPU), which is the same sum as ``x + mlp(...)``.
+        With folded norms (``_forward_folded``): the residual stream itself, and None."""
         linears = (self.self_attn.qkv_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         if all(one_row_gemv(hidden, linear, self.fused_ops) for linear in linears):
             return self._forward_one_row(hidden, residual, positions, kv_cache, metadata, backend)
@@ -169,7 +170,6 @@ class DecoderLayer(nn.Module):
                                         self.post_attention_layernorm.eps,
                                         mlp.gate_up_proj.weight)
         return silu_mul_linear(gate_up, mlp.down_proj.weight), residual
-
 
     def _forward_folded(
         self,
