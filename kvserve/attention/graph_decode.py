@@ -9,11 +9,14 @@ dynamic dimension of the graph, so one graph serves every context length.
 Decode steps only (one query per request); tested against the reference backend.
 
 The attention itself runs as two batched matmuls around a float32 softmax (``use_sdpa=False``)
-or as ``F.scaled_dot_product_attention``. With one query a request, SDPA's CPU flash kernel is
-mostly per-call overhead: compiled, at the embedded model's shapes on 2 cores of an AMD EPYC
-(family 25, AVX-512 BF16, no AMX), 8 requests of 80 tokens took 637 us a layer in bfloat16
-against 160 us for the matmuls, and 188 against 109 us in float32 (1 request: 181 against 75 us,
-bfloat16). ``GraphDecodeBackend`` keeps SDPA on CPUs with AMX tiles, where it was not measured.
+or as ``F.scaled_dot_product_attention``. With one query a request, SDPA's CPU flash kernel in
+bfloat16 is mostly per-call overhead: compiled, at the embedded model's shapes on 2 cores of an
+AMD EPYC (family 25, AVX-512 BF16, no AMX), 8 requests of 80 tokens took 637-693 us a layer
+against 160-180 us for the matmuls, and 1 request of 1,024 tokens 767-960 against 250-352 us
+(``bench/cpu_decode_attention.py``). In float32 the two were within 10% at short contexts and
+SDPA was faster at long ones (1 x 1,024: 167 against 229 us). So ``GraphDecodeBackend`` runs the
+matmuls for bfloat16 on CPUs without AMX tiles, and SDPA for float32 and on AMX CPUs (where the
+matmuls were not measured).
 """
 
 from __future__ import annotations
@@ -81,13 +84,19 @@ def _attend_by_matmuls(
 
 class GraphDecodeBackend(AttentionBackend):
     """``paged_decode_attention`` behind the backend interface: decode-only metadata, and no
-    host lists read (``seq_lens_list`` may be empty). ``use_sdpa`` None: SDPA only where the
-    CPU has AMX tiles (module docstring)."""
+    host lists read (``seq_lens_list`` may be empty). ``use_sdpa`` None: ``uses_sdpa`` picks
+    by dtype and CPU (module docstring)."""
 
     name = "graph-decode"
 
     def __init__(self, use_sdpa: bool | None = None) -> None:
-        self.use_sdpa = bool(torch.cpu._is_amx_tile_supported()) if use_sdpa is None else use_sdpa
+        self.use_sdpa = use_sdpa
+        self._has_amx = bool(torch.cpu._is_amx_tile_supported())
+
+    def uses_sdpa(self, dtype: torch.dtype) -> bool:
+        if self.use_sdpa is not None:
+            return self.use_sdpa
+        return self._has_amx or dtype != torch.bfloat16
 
     def forward(
         self,
@@ -101,5 +110,5 @@ class GraphDecodeBackend(AttentionBackend):
     ) -> torch.Tensor:
         return paged_decode_attention(
             query, key, value, k_cache, v_cache, metadata.slot_mapping, metadata.seq_lens,
-            metadata.block_tables, scale, self.use_sdpa,
+            metadata.block_tables, scale, self.uses_sdpa(query.dtype),
         )

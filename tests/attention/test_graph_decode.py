@@ -61,8 +61,13 @@ def test_the_backend_reads_tensors_only() -> None:
     assert torch.equal(got, want)
 
 
-def test_sdpa_is_kept_only_where_the_cpu_has_amx_tiles() -> None:
-    assert GraphDecodeBackend().use_sdpa is bool(torch.cpu._is_amx_tile_supported())
+def test_the_matmuls_run_for_bfloat16_without_amx_and_sdpa_otherwise() -> None:
+    amx = bool(torch.cpu._is_amx_tile_supported())
+    backend = GraphDecodeBackend()
+    assert backend.uses_sdpa(torch.bfloat16) is amx
+    assert backend.uses_sdpa(torch.float32) is True
+    assert GraphDecodeBackend(use_sdpa=False).uses_sdpa(torch.float32) is False
+    assert GraphDecodeBackend(use_sdpa=True).uses_sdpa(torch.bfloat16) is True
 
 
 def test_bfloat16_matmuls_stay_near_the_float32_reference() -> None:
